@@ -1,0 +1,377 @@
+"""The protocol file as validated pydantic models.
+
+Everything clinical the code needs is read from here; the YAML file beside this module is the
+trial as data. Each value carries its `source` (registry or assumption) so a PI can see what to
+confirm. Loading a malformed or inconsistent file raises ProtocolFileError naming the key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import zoneinfo
+from enum import StrEnum
+from pathlib import Path
+from typing import Generic, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from protocol.errors import ProtocolFileError, first_validation_error
+
+DEFAULT_PROTOCOL_FILE = Path(__file__).with_name("nct06641648.yaml")
+
+T = TypeVar("T")
+
+
+class Source(StrEnum):
+    REGISTRY = "registry"
+    ASSUMPTION = "assumption"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sourced(_Strict, Generic[T]):
+    """One value with where it comes from."""
+
+    value: T
+    source: Source
+    basis: str = ""
+
+
+class Sourcing(_Strict):
+    source: Source
+    basis: str = ""
+
+
+class ProtocolId(_Strict):
+    trial_id: str
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    title: str
+
+
+class Site(_Strict):
+    timezone: Sourced[str]
+    default_event_time: Sourced[str]
+    subject_id_pattern: Sourced[str]
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: Sourced[str]) -> Sourced[str]:
+        try:
+            zoneinfo.ZoneInfo(v.value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"'{v.value}' is not a known IANA timezone (e.g. Asia/Shanghai)") from None
+        return v
+
+    @field_validator("default_event_time")
+    @classmethod
+    def _hh_mm(cls, v: Sourced[str]) -> Sourced[str]:
+        try:
+            dt.time.fromisoformat(v.value)
+        except ValueError:
+            raise ValueError(f"'{v.value}' is not a time of day in HH:MM form") from None
+        return v
+
+    @field_validator("subject_id_pattern")
+    @classmethod
+    def _regex(cls, v: Sourced[str]) -> Sourced[str]:
+        try:
+            re.compile(v.value)
+        except re.error as exc:
+            raise ValueError(f"'{v.value}' is not a valid regular expression ({exc})") from None
+        return v
+
+    @property
+    def event_time(self) -> dt.time:
+        return dt.time.fromisoformat(self.default_event_time.value)
+
+
+class DoseLevel(_Strict):
+    level: int = Field(ge=1)
+    cells_per_infusion: float = Field(gt=0)
+
+
+class DoseLevels(Sourcing):
+    levels: list[DoseLevel] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DoseLevels:
+        for i, lvl in enumerate(self.levels, start=1):
+            if lvl.level != i:
+                raise ValueError(f"levels[{i - 1}].level is {lvl.level}; levels must be numbered 1, 2, 3, ... in order")
+        for a, b in zip(self.levels, self.levels[1:]):
+            if b.cells_per_infusion <= a.cells_per_infusion:
+                raise ValueError(
+                    f"levels[{b.level - 1}].cells_per_infusion must be greater than level {a.level}'s "
+                    f"({b.cells_per_infusion:g} ≤ {a.cells_per_infusion:g}); dose levels must increase"
+                )
+        return self
+
+
+class Window(_Strict):
+    """Tolerance around a target day: [day - minus_days, day + plus_days]."""
+
+    minus_days: int = Field(ge=0, description="negative would exclude the target day")
+    plus_days: int = Field(ge=0, description="negative would exclude the target day")
+    source: Source = Source.ASSUMPTION
+    basis: str = ""
+
+
+class Infusion(_Strict):
+    number: int = Field(ge=1)
+    day: int = Field(ge=0)
+    window: Window
+
+
+class NkInfusions(Sourcing):
+    infusions: list[Infusion] = Field(min_length=1)
+    product_request_lead_days: Sourced[int]
+
+    @model_validator(mode="after")
+    def _plan(self) -> NkInfusions:
+        if self.infusions[0].day != 0 or self.infusions[0].window.minus_days or self.infusions[0].window.plus_days:
+            raise ValueError("infusions[0] must be day 0 with a 0/0 window: day 0 is defined as the day of infusion 1")
+        for i, inf in enumerate(self.infusions, start=1):
+            if inf.number != i:
+                raise ValueError(f"infusions[{i - 1}].number is {inf.number}; infusions must be numbered 1, 2, ... in order")
+        for a, b in zip(self.infusions, self.infusions[1:]):
+            if b.day - b.window.minus_days <= a.day + a.window.plus_days:
+                raise ValueError(
+                    f"infusions[{b.number - 1}] window starts on day {b.day - b.window.minus_days}, "
+                    f"not after infusion {a.number}'s window; infusions must not overlap"
+                )
+        if self.product_request_lead_days.value < 0:
+            raise ValueError("product_request_lead_days must be 0 or more")
+        return self
+
+
+class Il2(_Strict):
+    dose_miu: Sourced[float]
+    route: Sourced[str]
+    doses_per_day: Sourced[int]
+    duration_days: Sourced[int]
+    first_day: Sourced[int]
+
+    @model_validator(mode="after")
+    def _positive(self) -> Il2:
+        if self.dose_miu.value <= 0:
+            raise ValueError("dose_miu must be greater than 0")
+        if self.duration_days.value < 1:
+            raise ValueError("duration_days must be at least 1")
+        if self.first_day.value < 0:
+            raise ValueError("first_day must be day 0 or later")
+        if self.doses_per_day.value != 1:
+            raise ValueError("doses_per_day must be 1: the calendar schedules one IL-2 dose a day")
+        return self
+
+    @property
+    def days(self) -> range:
+        return range(self.first_day.value, self.first_day.value + self.duration_days.value)
+
+
+class DltWindow(Sourcing):
+    open_day: int = Field(ge=0)
+    close_day: int
+
+    @model_validator(mode="after")
+    def _order(self) -> DltWindow:
+        if self.close_day < self.open_day:
+            raise ValueError(f"close_day ({self.close_day}) must not be before open_day ({self.open_day})")
+        return self
+
+
+class Grade3Exception(_Strict):
+    category: str
+    resolves_to_grade_at_most: int | None = None
+    within_hours: int | None = None
+
+
+class Cytopenia(_Strict):
+    categories: list[str]
+    min_grade: int = Field(ge=1, le=5)
+    more_than_days: int = Field(ge=0)
+    excludes_cause: str
+
+
+class DltRules(Sourcing):
+    ctcae_version: str
+    minimum_attribution: Literal["unlikely", "possible", "probable", "definite"]
+    non_haematological_min_grade: int = Field(ge=1, le=5)
+    grade3_exceptions: list[Grade3Exception] = []
+    agvhd_min_grade: int = Field(ge=1, le=4)
+    crs_min_grade: int = Field(ge=1, le=5)
+    icans_min_grade: int = Field(ge=1, le=5)
+    cytopenia: Cytopenia
+    grade5_excludes_cause: str
+
+
+class Dlt(_Strict):
+    window: DltWindow
+    rules: DltRules
+
+
+class Visit(_Strict):
+    kind: Literal["visit_1_month", "visit_3_month"]
+    label: str
+    day: int = Field(ge=0)
+    window: Window
+    source: Source
+    basis: str = ""
+    procedures: list[str] = []
+
+
+class PkSample(_Strict):
+    anchor: Literal["infusion_1", "infusion_2"]
+    offset_days: int = Field(ge=0)
+    label: str = ""
+
+
+class PkSamples(Sourcing):
+    samples: list[PkSample]
+
+
+class Contraception(_Strict):
+    months_after_last_infusion: Sourced[int]
+
+
+class Criterion(_Strict):
+    model_config = ConfigDict(extra="allow", frozen=True)  # thresholds vary by criterion
+    id: str
+    text: str
+    source: Source
+
+
+class Washout(_Strict):
+    id: str
+    criterion: str
+    field: str
+    label: str
+    days: int | None = Field(default=None, ge=0)
+    months: int | None = Field(default=None, ge=0)
+    half_lives: int | None = Field(default=None, ge=1)
+    rule: Literal["shorter", "longer"] | None = None
+    source: Source
+
+    @model_validator(mode="after")
+    def _one_duration(self) -> Washout:
+        if (self.days is None) == (self.months is None):
+            raise ValueError(f"washout '{self.id}' needs exactly one of days or months")
+        if (self.half_lives is None) != (self.rule is None):
+            raise ValueError(f"washout '{self.id}' needs both half_lives and rule, or neither")
+        return self
+
+
+class Eligibility(_Strict):
+    washout_boundary: Sourced[Literal["inclusive", "exclusive"]]
+    inclusion: list[Criterion]
+    exclusion: list[Criterion]
+    washouts: list[Washout]
+
+    def criterion(self, cid: str) -> Criterion:
+        for c in [*self.inclusion, *self.exclusion]:
+            if c.id == cid:
+                return c
+        raise ProtocolFileError(f"protocol file: eligibility has no criterion '{cid}', which screening needs")
+
+
+class Escalation(_Strict):
+    design: Sourced[Literal["three_plus_three"]]
+    cohort_size: Sourced[int]
+    max_per_level: Sourced[int]
+    target_enrollment: Sourced[int]
+    max_enrollment: Sourced[int]
+    sentinel_stagger_days: Sourced[int]
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Escalation:
+        if self.cohort_size.value < 1:
+            raise ValueError("cohort_size must be at least 1")
+        if self.max_per_level.value != 2 * self.cohort_size.value:
+            raise ValueError("max_per_level must be twice cohort_size under 3+3")
+        if self.sentinel_stagger_days.value < 0:
+            raise ValueError("sentinel_stagger_days must be 0 or more")
+        return self
+
+
+class Notifications(Sourcing):
+    infusion_prep_lead_days: int = Field(ge=0)
+    visit_window_open_reminder: bool
+    sae_report_deadline_hours: int = Field(gt=0)
+    sae_reminder_before_deadline_hours: int = Field(ge=0)
+
+
+class ProtocolDefinition(_Strict):
+    """The whole trial protocol, validated."""
+
+    protocol: ProtocolId
+    site: Site
+    dose_levels: DoseLevels
+    nk_infusions: NkInfusions
+    il2: Il2
+    dlt: Dlt
+    visits: list[Visit]
+    pk_samples: PkSamples
+    contraception: Contraception
+    eligibility: Eligibility
+    escalation: Escalation
+    notifications: Notifications
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProtocolDefinition:
+        last_infusion_day = self.nk_infusions.infusions[-1].day
+        anchors = {"infusion_1": 0, "infusion_2": self.nk_infusions.infusions[1].day if len(self.nk_infusions.infusions) > 1 else None}
+        for i, s in enumerate(self.pk_samples.samples):
+            if anchors[s.anchor] is None:
+                raise ValueError(f"pk_samples.samples[{i}].anchor is '{s.anchor}', but the protocol has only one infusion")
+        if self.dlt.window.close_day < last_infusion_day:
+            raise ValueError(
+                f"dlt.window.close_day ({self.dlt.window.close_day}) is before the last infusion (day {last_infusion_day}); "
+                "the DLT window must cover every infusion"
+            )
+        if self.escalation.max_enrollment.value != self.escalation.max_per_level.value * len(self.dose_levels.levels):
+            raise ValueError("escalation.max_enrollment must equal max_per_level × the number of dose levels")
+        return self
+
+    @property
+    def version(self) -> str:
+        return self.protocol.version
+
+    @property
+    def timezone(self) -> str:
+        return self.site.timezone.value
+
+    def dose_level(self, level: int) -> DoseLevel:
+        for lvl in self.dose_levels.levels:
+            if lvl.level == level:
+                return lvl
+        n = len(self.dose_levels.levels)
+        raise ProtocolFileError(f"dose level {level} does not exist: the protocol has levels 1 to {n}")
+
+
+def parse_protocol(data: object, *, origin: str = "protocol file") -> ProtocolDefinition:
+    """Validate already-parsed protocol data; errors name the key that is wrong."""
+    if not isinstance(data, dict):
+        raise ProtocolFileError(f"{origin}: the top level must be a mapping of sections")
+    try:
+        return ProtocolDefinition.model_validate(data)
+    except ValidationError as exc:
+        raise ProtocolFileError(first_validation_error(exc, origin)) from None
+
+
+def load_protocol(path: Path | str | None = None) -> ProtocolDefinition:
+    """Read and validate a protocol YAML file (the shipped NCT06641648 file by default)."""
+    p = Path(path) if path is not None else DEFAULT_PROTOCOL_FILE
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProtocolFileError(f"protocol file {p.name}: cannot be read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ProtocolFileError(f"protocol file {p.name}: is not valid YAML{where}") from None
+    return parse_protocol(data, origin=f"protocol file {p.name}")
