@@ -1,0 +1,157 @@
+"""Engines and the unit of work. Nothing here connects at import time.
+
+SQLite (the embedded default) runs in WAL mode with a busy timeout, and every transaction
+starts with BEGIN IMMEDIATE so a read-then-write never fails with SQLITE_BUSY_SNAPSHOT.
+PostgreSQL is used when a postgresql URL is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import attributes
+from sqlmodel import Session, SQLModel
+
+from models.tables import AuditLog
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+Clock = Callable[[], dt.datetime]
+
+
+def utc_now() -> dt.datetime:
+    """The wall clock, in UTC. Inject another clock (a virtual one) wherever time matters."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def make_engine(url: str, **kw) -> sa.Engine:
+    """An engine for the trial database. SQLite files get WAL, a busy timeout and BEGIN IMMEDIATE."""
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return sa.create_engine(u, pool_pre_ping=True, **kw)
+    if u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kw)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below be the only one
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _plain(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _pk(obj: SQLModel) -> str:
+    ident = sa.inspect(obj).mapper.primary_key_from_instance(obj)
+    return ",".join(str(i) for i in ident)
+
+
+class UnitOfWork:
+    """One transaction that commits or rolls back whole, and audits every change it writes.
+
+    Every inserted, updated or deleted row leaves audit rows (actor, UTC time, entity, field,
+    old → new, reason) in the same transaction. Use as a context manager; call `commit()`.
+    """
+
+    def __init__(self, engine: sa.Engine, *, actor: str, reason: str, clock: Clock = utc_now):
+        if not actor or not actor.strip():
+            raise ValueError("actor: every clinical write needs who made it")
+        if not reason or not reason.strip():
+            raise ValueError("reason: every clinical write needs why it was made")
+        self.engine, self.actor, self.reason, self.clock = engine, actor.strip(), reason.strip(), clock
+        self.session: Session | None = None
+
+    def __enter__(self) -> UnitOfWork:
+        self.session = Session(self.engine, expire_on_commit=False)
+        self.session.info["uow"] = self
+        self.at = self.clock()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.session is not None
+        try:
+            if exc_type is not None or self.session.in_transaction():
+                self.session.rollback()
+        finally:
+            self.session.close()
+
+    def commit(self) -> None:
+        assert self.session is not None
+        self.session.commit()
+
+
+@event.listens_for(Session, "before_flush")
+def _collect_audit(session: Session, _ctx, _instances) -> None:
+    uow: UnitOfWork | None = session.info.get("uow")
+    pending = session.info.setdefault("audit_pending", [])
+    for obj in session.dirty | session.deleted:
+        if isinstance(obj, AuditLog):
+            raise ValueError("audit_log is append-only: audit rows cannot be changed or deleted")
+    if uow is None:
+        if any(not isinstance(o, AuditLog) for o in session.new | session.dirty | session.deleted):
+            raise RuntimeError("clinical writes must go through a UnitOfWork so they are audited")
+        return
+    for obj in session.new:
+        if isinstance(obj, AuditLog):
+            continue
+        for col in sa.inspect(obj).mapper.column_attrs:
+            new = getattr(obj, col.key)
+            if new is not None:
+                pending.append((obj, col.key, None, _plain(new)))
+    for obj in session.dirty:
+        if not session.is_modified(obj, include_collections=False):
+            continue
+        for col in sa.inspect(obj).mapper.column_attrs:
+            hist = attributes.get_history(obj, col.key)
+            if hist.has_changes():
+                old = hist.deleted[0] if hist.deleted else None
+                new = hist.added[0] if hist.added else None
+                if _plain(old) != _plain(new):
+                    pending.append((obj, col.key, _plain(old), _plain(new)))
+    for obj in session.deleted:
+        for col in sa.inspect(obj).mapper.column_attrs:
+            pending.append((obj, col.key, _plain(getattr(obj, col.key)), None))
+
+
+@event.listens_for(Session, "after_flush")
+def _write_audit(session: Session, _ctx) -> None:
+    uow: UnitOfWork | None = session.info.get("uow")
+    pending = session.info.pop("audit_pending", [])
+    if uow is None or not pending:
+        return
+    for obj, field, old, new in pending:
+        session.add(AuditLog(
+            at=uow.at, actor=uow.actor, entity=obj.__tablename__, entity_id=_pk(obj),
+            field=field, old_value=old, new_value=new, reason=uow.reason,
+        ))
+
+
+@contextmanager
+def read_session(engine: sa.Engine) -> Iterator[Session]:
+    """A session for reading; any write through it is refused."""
+    with Session(engine) as s:
+        yield s

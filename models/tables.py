@@ -1,0 +1,259 @@
+"""The trial database: the system of record. Prefect holds orchestration state, not clinical data.
+
+Model families in one place: `XBase` holds the shared fields, `X(table=True)` is the row,
+`XCreate`/`XPublic` are what the outside gives and sees. Instants are UTC (`*_at`), dates are
+local calendar dates (`*_on`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from models.types import UTCDateTime, enum_type
+from protocol.calendar import EventKind
+
+
+def _at(**kw):
+    return Field(sa_type=UTCDateTime, **kw)
+
+
+class LevelStatus(StrEnum):
+    PENDING = "pending"
+    OPEN = "open"
+    FULL = "full"
+    CLOSED = "closed"
+    TOO_TOXIC = "too_toxic"
+
+
+class SubjectStatus(StrEnum):
+    SCREENING = "screening"
+    SCREEN_FAILED = "screen_failed"
+    WAITLISTED = "waitlisted"
+    ENROLLED = "enrolled"
+    ON_TREATMENT = "on_treatment"
+    FOLLOW_UP = "follow_up"
+    COMPLETED = "completed"
+    OFF_STUDY = "off_study"
+
+
+class EventStatus(StrEnum):
+    PLANNED = "planned"
+    DONE = "done"
+    MISSED = "missed"
+    CANCELLED = "cancelled"
+
+
+class AdministrationKind(StrEnum):
+    NK_INFUSION = "nk_infusion"
+    IL2_DOSE = "il2_dose"
+
+
+class Adjudication(StrEnum):
+    NOT_CANDIDATE = "not_candidate"
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    REJECTED = "rejected"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    NO_CHANNEL = "no_channel"
+    FAILED = "failed"
+
+
+# Protocol version: the exact protocol file each record was made under.
+class ProtocolVersion(SQLModel, table=True):
+    __tablename__ = "protocol_version"
+    id: int | None = Field(default=None, primary_key=True)
+    trial_id: str = Field(max_length=32)
+    version: str = Field(max_length=32, unique=True)
+    sha256: str = Field(max_length=64)
+    content_json: str
+    loaded_at: dt.datetime = _at()
+
+
+# Dose level / cohort state: which level is open for enrollment.
+class DoseLevelState(SQLModel, table=True):
+    __tablename__ = "dose_level_state"
+    level: int = Field(primary_key=True)
+    cells_per_infusion: float
+    status: LevelStatus = Field(sa_type=enum_type(LevelStatus), default=LevelStatus.PENDING)
+    opened_at: dt.datetime | None = _at(default=None)
+    closed_at: dt.datetime | None = _at(default=None)
+
+
+# Subject: shared fields. Pseudonymous: a subject ID, never a name.
+class SubjectBase(SQLModel):
+    subject_id: str = Field(max_length=32, unique=True, index=True)
+
+
+# Subject: the row.
+class Subject(SubjectBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    status: SubjectStatus = Field(sa_type=enum_type(SubjectStatus), default=SubjectStatus.SCREENING)
+    dose_level: int | None = Field(default=None, foreign_key="dose_level_state.level")
+    planned_day0_at: dt.datetime | None = _at(default=None)
+    off_study_reason: str | None = Field(default=None, max_length=200)
+    created_at: dt.datetime = _at()
+
+
+# Subject: what a coordinator gives to create one.
+class SubjectCreate(SubjectBase):
+    pass
+
+
+# Subject: what the outside sees.
+class SubjectPublic(SubjectBase):
+    status: SubjectStatus
+    dose_level: int | None
+
+
+# Screening result: the per-criterion report kept as it was computed.
+class ScreeningRecordRow(SQLModel, table=True):
+    __tablename__ = "screening_result"
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", index=True)
+    protocol_version: str = Field(max_length=32)
+    verdict: str = Field(max_length=16)
+    earliest_day0_on: dt.date | None = None
+    result_json: str
+    screened_at: dt.datetime = _at()
+
+
+# Enrollment and slot: one row per enrolled subject; the unique slot is the real guard against over-filling.
+class Enrollment(SQLModel, table=True):
+    __table_args__ = (sa.UniqueConstraint("dose_level", "slot", name="uq_enrollment_level_slot"),)
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", unique=True)
+    dose_level: int = Field(foreign_key="dose_level_state.level")
+    cohort: int = Field(ge=1)
+    slot: int = Field(ge=1)
+    enrolled_at: dt.datetime = _at()
+
+
+# Waitlist: eligible patients waiting for a slot, first come first served.
+class WaitlistEntry(SQLModel, table=True):
+    __tablename__ = "waitlist_entry"
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", unique=True)
+    added_at: dt.datetime = _at()
+    offered_at: dt.datetime | None = _at(default=None)
+
+
+# Calendar event: the stored calendar, planned and actual; Prefect runs are projected from these rows.
+class CalendarEventRow(SQLModel, table=True):
+    __tablename__ = "calendar_event"
+    __table_args__ = (sa.UniqueConstraint("subject_pk", "key", name="uq_calendar_event_subject_key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", index=True)
+    key: str = Field(max_length=48)
+    kind: EventKind = Field(sa_type=enum_type(EventKind))
+    label: str = Field(max_length=120)
+    protocol_day: int
+    local_on: dt.date
+    due_at: dt.datetime = _at()
+    window_start_on: dt.date
+    window_end_on: dt.date
+    status: EventStatus = Field(sa_type=enum_type(EventStatus), default=EventStatus.PLANNED)
+    actual_at: dt.datetime | None = _at(default=None)
+    anchor_version: str = Field(max_length=16)
+    flow_run_id: str | None = Field(default=None, max_length=36)
+
+
+# Administration: an NK infusion (cells, lot) or an IL-2 dose (given or missed).
+class Administration(SQLModel, table=True):
+    __table_args__ = (sa.UniqueConstraint("subject_pk", "event_key", name="uq_administration_subject_event"),)
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", index=True)
+    kind: AdministrationKind = Field(sa_type=enum_type(AdministrationKind))
+    event_key: str = Field(max_length=48)
+    given: bool
+    given_at: dt.datetime | None = _at(default=None)
+    dose_level: int | None = None
+    cells_infused: float | None = Field(default=None, gt=0)
+    product_lot: str | None = Field(default=None, max_length=64)
+    dose_miu: float | None = Field(default=None, gt=0)
+    missed_reason: str | None = Field(default=None, max_length=200)
+    deviation_reason: str | None = Field(default=None, max_length=200)
+    recorded_at: dt.datetime = _at()
+
+
+# Adverse event: graded, attributed, screened against the DLT rules, adjudicated by the investigator.
+class AdverseEvent(SQLModel, table=True):
+    __tablename__ = "adverse_event"
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", index=True)
+    term: str = Field(max_length=120)
+    category: str = Field(max_length=32)
+    grade: int = Field(ge=1, le=5)
+    onset_on: dt.date
+    attribution: str = Field(max_length=16)
+    serious: bool = False
+    resolved_on: dt.date | None = None
+    candidate_dlt: bool = False
+    adjudication: Adjudication = Field(sa_type=enum_type(Adjudication), default=Adjudication.NOT_CANDIDATE)
+    adjudication_reason: str | None = Field(default=None, max_length=200)
+    reported_at: dt.datetime = _at()
+
+
+# Escalation decision: the rule's recommendation and the PI's choice, replayable from `history`.
+class EscalationDecision(SQLModel, table=True):
+    __tablename__ = "escalation_decision"
+    id: int | None = Field(default=None, primary_key=True)
+    from_level: int
+    history: str = Field(max_length=200)
+    recommended_action: str = Field(max_length=16)
+    recommended_level: int | None = None
+    chosen_action: str | None = Field(default=None, max_length=16)
+    chosen_level: int | None = None
+    mtd: int | None = None
+    rationale: str | None = Field(default=None, max_length=500)
+    created_at: dt.datetime = _at()
+    decided_at: dt.datetime | None = _at(default=None)
+
+
+# Signature: 21 CFR 11.50 manifestation, bound to exactly one decision.
+class Signature(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: int = Field(foreign_key="escalation_decision.id", unique=True)
+    signer_id: str = Field(max_length=64)
+    printed_name: str = Field(max_length=120)
+    meaning: str = Field(max_length=120)
+    decision_digest: str = Field(max_length=64)
+    signed_at: dt.datetime = _at()
+
+
+# Notification outbox: written with the state change that caused it, delivered later per channel.
+class NotificationOutbox(SQLModel, table=True):
+    __tablename__ = "notification_outbox"
+    id: int | None = Field(default=None, primary_key=True)
+    dedup_key: str = Field(max_length=160, unique=True)
+    role: str = Field(max_length=32)
+    subject_id: str | None = Field(default=None, max_length=32)
+    event: str = Field(max_length=64)
+    title: str = Field(max_length=200)
+    body: str = Field(max_length=1000)
+    link: str | None = Field(default=None, max_length=300)
+    status: OutboxStatus = Field(sa_type=enum_type(OutboxStatus), default=OutboxStatus.PENDING)
+    attempts: int = 0
+    created_at: dt.datetime = _at()
+    delivered_at: dt.datetime | None = _at(default=None)
+
+
+# Audit log: append-only (the database refuses UPDATE and DELETE). Who, when, what, old → new, why.
+class AuditLog(SQLModel, table=True):
+    __tablename__ = "audit_log"
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = _at(index=True)
+    actor: str = Field(max_length=64)
+    entity: str = Field(max_length=48)
+    entity_id: str = Field(max_length=64)
+    field: str = Field(max_length=48)
+    old_value: str | None = None
+    new_value: str | None = None
+    reason: str = Field(max_length=500)
