@@ -1,0 +1,36 @@
+# The two commands of the README. Both work on a fresh clone: they make the virtualenv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# PostgreSQL runs on this machine kind at 127.0.0.1:5432 with trust auth; the tests create and
+# drop their own databases on it. Set it empty to skip those tests on a machine without one.
+NKTRIAL_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+export NKTRIAL_TEST_POSTGRES_URL
+
+.PHONY: up test install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## make up: set up, create or migrate the embedded trial database, and run the demo
+up: $(BIN)/.installed
+	$(BIN)/nktrial db upgrade
+	$(BIN)/nktrial protocol show
+	@echo
+	$(BIN)/nktrial screen examples/screening-S-001.json --day0 2027-01-31
+	@echo
+	$(BIN)/nktrial calendar --dose-level 1 --day0 2027-01-31T09:00
+	@echo
+	$(BIN)/nktrial escalation next ""
+
+## make test: set up and run every test (protocol, both databases, CLI)
+test: $(BIN)/.installed
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

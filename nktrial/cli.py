@@ -1,0 +1,278 @@
+"""`nktrial`: the command line. Bad input gets one sentence and exit status 2, never a traceback.
+
+Heavy imports (database, Prefect) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from protocol.errors import UserError, first_validation_error
+
+EXIT_USER_ERROR = 2
+
+
+def _local_datetime(flag: str, text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{flag} '{text}' is not a local date and time like 2027-01-31T09:00") from None
+    if value.tzinfo is not None:
+        raise UserError(f"{flag} '{text}' has a UTC offset; give the site's local wall-clock time without one")
+    return value
+
+
+def _local_date(flag: str, text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise UserError(f"{flag} '{text}' is not a date like 2027-01-31") from None
+
+
+def _protocol(args):
+    from protocol.definition import load_protocol
+
+    path = args.protocol
+    if path is None:
+        from nktrial.settings import get_settings
+
+        path = get_settings().protocol_file
+    return load_protocol(path)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# -- protocol -------------------------------------------------------------------------------------
+
+def cmd_protocol_show(args) -> None:
+    p = _protocol(args)
+    if args.json:
+        _print_json(p.model_dump(mode="json"))
+        return
+    tag = lambda s: "[R]" if s == "registry" else "[A]"  # noqa: E731
+    print(f"{p.protocol.trial_id} — protocol version {p.version}\n{p.protocol.title}")
+    print("Values marked [R] come from the registry record; [A] are site assumptions for the PI to confirm.\n")
+    print(f"Site timezone        {p.timezone} {tag(p.site.timezone.source)}")
+    print(f"Dose levels          {tag(p.dose_levels.source)}")
+    for lvl in p.dose_levels.levels:
+        print(f"  DL{lvl.level}  {lvl.cells_per_infusion:.1e} cells per infusion")
+    print(f"NK infusions         {tag(p.nk_infusions.source)}")
+    for inf in p.nk_infusions.infusions:
+        print(f"  infusion {inf.number}: day {inf.day} (window −{inf.window.minus_days}/+{inf.window.plus_days}) {tag(inf.window.source)}")
+    lead = p.nk_infusions.product_request_lead_days
+    print(f"  product request to the cell lab {lead.value} days before each infusion {tag(lead.source)}")
+    il2 = p.il2
+    print(f"IL-2                 {il2.dose_miu.value:g} MIU {il2.route.value} once daily for {il2.duration_days.value} days "
+          f"{tag(il2.dose_miu.source)}, from day {il2.first_day.value} {tag(il2.first_day.source)}")
+    w = p.dlt.window
+    print(f"DLT window           day {w.open_day} to end of day {w.close_day} {tag(w.source)}; rules {tag(p.dlt.rules.source)} (CTCAE v{p.dlt.rules.ctcae_version})")
+    print("Visits")
+    for v in p.visits:
+        print(f"  {v.label}: day {v.day} (window −{v.window.minus_days}/+{v.window.plus_days}) {tag(v.source)} — {', '.join(v.procedures)}")
+    pk = ", ".join(f"{s.anchor.replace('_', ' ')}+{s.offset_days}" for s in p.pk_samples.samples)
+    print(f"PK samples           {pk} {tag(p.pk_samples.source)}")
+    c = p.contraception.months_after_last_infusion
+    print(f"Contraception        {c.value} months after the last infusion {tag(c.source)}")
+    e = p.escalation
+    print(f"Escalation           {e.design.value} {tag(e.design.source)}, cohorts of {e.cohort_size.value}, at most {e.max_per_level.value} a level, "
+          f"target {e.target_enrollment.value} {tag(e.target_enrollment.source)}, at most {e.max_enrollment.value}")
+    print(f"Eligibility          {len(p.eligibility.inclusion)} inclusion, {len(p.eligibility.exclusion)} exclusion criteria, "
+          f"{len(p.eligibility.washouts)} washouts {tag(p.eligibility.washout_boundary.source)} boundary: {p.eligibility.washout_boundary.value}")
+
+
+# -- calendar -------------------------------------------------------------------------------------
+
+def cmd_calendar(args) -> None:
+    from protocol.calendar import compute_calendar
+
+    p = _protocol(args)
+    day0 = _local_datetime("--day0", args.day0)
+    actuals = {}
+    for item in args.actual or []:
+        num, _, when = item.partition("=")
+        if not num.isdigit() or not when:
+            raise UserError(f"--actual '{item}' must look like 2=2027-02-16T09:00 (infusion number = local date and time)")
+        actuals[int(num)] = _local_datetime("--actual", when)
+    cal = compute_calendar(p, dose_level=args.dose_level, day0=day0, actual_infusions=actuals)
+    if args.json:
+        _print_json([e.as_dict() for e in cal.events])
+        return
+    print(f"Dose level {cal.dose_level} ({cal.cells_per_infusion:.1e} cells/infusion), day 0 {cal.day0:%Y-%m-%d %H:%M} {cal.timezone}, "
+          f"protocol {cal.protocol_version}\n")
+    rows = [[str(e.protocol_day), e.local_date.isoformat(), e.local_time.strftime("%H:%M") if e.local_time else "24:00",
+             e.label, f"{e.window_start}…{e.window_end}" if e.window_start != e.window_end else "", " ".join(e.flags)]
+            for e in cal.events]
+    print(_table(rows, ["day", "date", "time", "event", "window", "flags"]))
+
+
+# -- screening ------------------------------------------------------------------------------------
+
+def _read_screening(path: str):
+    from pydantic import ValidationError
+
+    from protocol.eligibility import ScreeningRecord
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"screening file {path}: cannot be read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"screening file {path}: is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    try:
+        return ScreeningRecord.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(first_validation_error(exc, f"screening file {path}")) from None
+
+
+def cmd_screen(args) -> None:
+    from protocol.eligibility import screen
+
+    p = _protocol(args)
+    rec = _read_screening(args.file)
+    day0_on = _local_date("--day0", args.day0) if args.day0 else None
+    res = screen(p, rec, day0_on=day0_on)
+    if args.json:
+        _print_json(res.model_dump(mode="json"))
+        return
+    mark = {True: "ok", False: "FAIL", None: "?"}
+    rows = [[mark[c.allows_enrollment], c.id, c.status.value, c.value, c.limit] for c in res.criteria]
+    print(f"Screening {res.subject_id} (protocol {res.protocol_version})\n")
+    print(_table(rows, ["", "criterion", "status", "value", "limit"]))
+    earliest = res.earliest_day0_on
+    bound = " (at least: some washout data are missing)" if res.earliest_day0_is_lower_bound else ""
+    print(f"\nEarliest permissible day 0: {earliest or 'unknown'}{bound}")
+    print(f"Verdict: {res.verdict.value.replace('_', ' ').upper()}")
+    for c in res.failing:
+        print(f"  fails {c.id}: {c.reason}")
+    for c in res.unknown:
+        print(f"  unknown {c.id}: {c.reason}")
+
+
+# -- escalation -----------------------------------------------------------------------------------
+
+def cmd_escalation_next(args) -> None:
+    from protocol.three_plus_three import Design
+
+    p = _protocol(args)
+    design = Design(num_levels=len(p.dose_levels.levels), cohort_size=p.escalation.cohort_size.value)
+    decision = design.next_action(args.history)
+    if args.json:
+        _print_json(decision.as_dict())
+        return
+    where = f" {decision.patients} at level {decision.dose_level}" if decision.dose_level else ""
+    mtd = f"; MTD: level {decision.mtd}" if decision.mtd else ("; no tolerable dose" if decision.action.value == "stop" else "")
+    print(f"{decision.action.value}{where}{mtd}\n{decision.reason}")
+
+
+# -- database -------------------------------------------------------------------------------------
+
+def _engine():
+    from models.db import make_engine
+    from nktrial.settings import get_settings
+
+    return make_engine(get_settings().trial_database_url)
+
+
+def cmd_db_upgrade(args) -> None:
+    from models.crud import register_protocol
+    from models.db import UnitOfWork
+    from models.migrate import current_revision, upgrade
+
+    engine = _engine()
+    before = current_revision(engine)
+    upgrade(engine)
+    after = current_revision(engine)
+    with UnitOfWork(engine, actor="system", reason="register the protocol version in force") as uow:
+        register_protocol(uow.session, protocol=_protocol(args), at=uow.at)
+        uow.commit()
+    state = "already at" if before == after else f"upgraded from {before or 'empty'} to"
+    print(f"trial database {engine.url.render_as_string(hide_password=True)}: {state} schema {after}")
+
+
+def cmd_db_status(args) -> None:
+    from sqlmodel import Session, func, select
+
+    from models.migrate import current_revision, head_revision
+    from models.tables import AuditLog, DoseLevelState, Subject
+
+    engine = _engine()
+    rev, head = current_revision(engine), head_revision()
+    print(f"trial database {engine.url.render_as_string(hide_password=True)}")
+    print(f"schema {rev or 'empty'} (newest {head}){'' if rev == head else ' — run: nktrial db upgrade'}")
+    if rev != head:
+        return
+    with Session(engine) as s:
+        levels = s.exec(select(DoseLevelState).order_by(DoseLevelState.level)).all()
+        print("dose levels: " + (", ".join(f"DL{lv.level} {lv.status.value}" for lv in levels) or "none"))
+        print(f"subjects: {s.exec(select(func.count()).select_from(Subject)).one()}, "
+              f"audit rows: {s.exec(select(func.count()).select_from(AuditLog)).one()}")
+
+
+# -- wiring ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nktrial", description="NCT06641648 treatment schedule: protocol, calendar, screening, escalation.")
+    parser.add_argument("--protocol", type=Path, default=None, help="protocol YAML file (default: the shipped NCT06641648 file)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prot = sub.add_parser("protocol", help="the encoded protocol").add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = prot.add_parser("show", help="print the protocol with the source of every value")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_protocol_show)
+
+    cal = sub.add_parser("calendar", help="a patient's whole treatment calendar")
+    cal.add_argument("--dose-level", type=int, required=True, help="1, 2 or 3")
+    cal.add_argument("--day0", required=True, help="local date and time of infusion 1, e.g. 2027-01-31T09:00")
+    cal.add_argument("--actual", action="append", metavar="N=DATETIME", help="recorded infusion N, e.g. 2=2027-02-16T09:00 (repeatable)")
+    cal.add_argument("--json", action="store_true")
+    cal.set_defaults(func=cmd_calendar)
+
+    scr = sub.add_parser("screen", help="screen a candidate from a JSON screening record")
+    scr.add_argument("file")
+    scr.add_argument("--day0", help="planned date of infusion 1, e.g. 2027-01-31")
+    scr.add_argument("--json", action="store_true")
+    scr.set_defaults(func=cmd_screen)
+
+    esc = sub.add_parser("escalation", help="the 3+3 dose-escalation rule").add_subparsers(dest="action", required=True, metavar="ACTION")
+    nxt = esc.add_parser("next", help='the next action for an outcome history such as "1NNN 2NTN"')
+    nxt.add_argument("history")
+    nxt.add_argument("--json", action="store_true")
+    nxt.set_defaults(func=cmd_escalation_next)
+
+    db = sub.add_parser("db", help="the trial database").add_subparsers(dest="action", required=True, metavar="ACTION")
+    db.add_parser("upgrade", help="create or migrate the schema (idempotent) and register the protocol").set_defaults(func=cmd_db_upgrade)
+    db.add_parser("status", help="schema revision and a few counts").set_defaults(func=cmd_db_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"nktrial: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as exc:  # a refused write from the data layer, worded for a person
+        print(f"nktrial: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Settings from the environment, read when asked for, never at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """NKTRIAL_* environment variables; defaults give the embedded SQLite setup under ./data."""
+
+    model_config = SettingsConfigDict(env_prefix="NKTRIAL_", extra="ignore")
+    data_dir: Path = Field(default=Path("data"), description="folder of the embedded SQLite trial database")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; PostgreSQL when set, else SQLite in data_dir")
+    protocol_file: Path | None = Field(default=None, description="protocol YAML; the shipped NCT06641648 file when unset")
+
+    @property
+    def trial_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'trial.db').resolve()}"
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,125 @@
+"""The `nktrial` command as a person runs it: readable output, JSON for scripts, one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+EXAMPLE = ROOT / "examples" / "screening-S-001.json"
+
+
+def nktrial(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("nktrial")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "nktrial"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd or ROOT, timeout=120)
+
+
+def test_protocol_show_marks_registry_and_assumption_values():
+    out = nktrial("protocol", "show")
+    assert out.returncode == 0, out.stderr
+    assert "NCT06641648" in out.stdout and "[R]" in out.stdout and "[A]" in out.stdout
+    data = json.loads(nktrial("protocol", "show", "--json").stdout)
+    assert data["protocol"]["version"] == "1.0.0"
+    assert data["site"]["timezone"] == {"value": "Asia/Shanghai", "source": "assumption", "basis": data["site"]["timezone"]["basis"]}
+
+
+def test_calendar_json_has_the_documented_fields():
+    out = nktrial("calendar", "--dose-level", "2", "--day0", "2027-01-31T09:00", "--json")
+    assert out.returncode == 0, out.stderr
+    events = json.loads(out.stdout)
+    assert {"kind", "protocol_day", "local_date", "window_start", "window_end", "at_utc"} <= set(events[0])
+    inf2 = next(e for e in events if e["kind"] == "nk_infusion" and e["protocol_day"] == 14)
+    assert (inf2["local_date"], inf2["window_end"], inf2["at_utc"]) == ("2027-02-14", "2027-02-17", "2027-02-14T01:00:00Z")
+
+
+def test_calendar_text_re_anchors_on_an_actual_infusion():
+    out = nktrial("calendar", "--dose-level", "1", "--day0", "2027-01-31T09:00", "--actual", "2=2027-02-16T10:00")
+    assert out.returncode == 0, out.stderr
+    assert "PK sample day 17" in out.stdout and "2027-02-16  10:00  NK infusion 2" in out.stdout
+
+
+def test_screen_prints_every_criterion_and_the_earliest_day0():
+    out = nktrial("screen", str(EXAMPLE))
+    assert out.returncode == 0, out.stderr
+    assert "Earliest permissible day 0: 2027-01-24" in out.stdout and "Verdict: ELIGIBLE" in out.stdout
+    res = json.loads(nktrial("screen", str(EXAMPLE), "--day0", "2027-01-22", "--json").stdout)
+    assert res["verdict"] == "not_eligible"
+    assert {c["id"] for c in res["criteria"] if c["status"] == "met" and c["id"].startswith("E2")} == {"E2.systemic_steroid"}
+
+
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        ("", {"action": "enroll", "dose_level": 1, "patients": 3, "mtd": None}),
+        ("1NNN", {"action": "escalate", "dose_level": 2, "patients": 3, "mtd": None}),
+        ("1NTN", {"action": "expand", "dose_level": 1, "patients": 3, "mtd": None}),
+        ("1NNN 2NNN 3NNN", {"action": "expand", "dose_level": 3, "patients": 3, "mtd": None}),
+        ("1NNN 2TT", {"action": "deescalate", "dose_level": 1, "patients": 3, "mtd": None}),
+        ("1TT", {"action": "stop", "dose_level": None, "patients": 0, "mtd": None}),
+    ],
+)
+def test_escalation_next_json(history, expected):
+    out = nktrial("escalation", "next", history, "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert set(got) == {"action", "dose_level", "patients", "mtd", "reason"}
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_db_upgrade_is_idempotent_and_status_reports_it(tmp_path):
+    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": ""}
+    first = nktrial("db", "upgrade", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "upgraded from empty to schema 0001" in first.stdout
+    again = nktrial("db", "upgrade", env=env)
+    assert "already at schema 0001" in again.stdout
+    status = nktrial("db", "status", env=env)
+    assert "DL1 open, DL2 pending, DL3 pending" in status.stdout
+    assert (tmp_path / "data" / "trial.db").exists()
+
+
+BAD_INPUT = [
+    (["calendar", "--dose-level", "4", "--day0", "2027-01-31T09:00"], "dose level 4 does not exist"),
+    (["calendar", "--dose-level", "1", "--day0", "31/01/2027"], "--day0 '31/01/2027' is not a local date and time"),
+    (["calendar", "--dose-level", "1", "--day0", "2027-01-31T09:00+08:00"], "has a UTC offset"),
+    (["calendar", "--dose-level", "1", "--day0", "2027-01-31T09:00", "--actual", "two"], "--actual 'two' must look like"),
+    (["calendar", "--dose-level", "x", "--day0", "2027-01-31T09:00"], "invalid int value"),
+    (["screen", "no-such-file.json"], "cannot be read"),
+    (["screen", str(EXAMPLE), "--day0", "tomorrow"], "--day0 'tomorrow' is not a date"),
+    (["escalation", "next", "1NNN 3NNN"], "skips a level"),
+    (["escalation", "next", "1NNQ"], "unknown letter 'Q'"),
+    (["--protocol", "missing.yaml", "protocol", "show"], "protocol file missing.yaml: cannot be read"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_is_one_sentence_and_a_non_zero_exit(args, message):
+    out = nktrial(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "is not valid JSON (line 1"),
+        ('{"subject_id": "S-001", "ecog": 9}', "field 'ecog': Input should be less than or equal to 5"),
+        ('{"subject_id": "S-001", "name": "Jane Doe"}', "field 'name': Extra inputs are not permitted"),
+        ('{"subject_id": "Jane Doe"}', "must match the pseudonymous pattern"),
+        ('{"subject_id": "S-001", "consent_on": "2027-02-30"}', "field 'consent_on'"),
+    ],
+)
+def test_a_bad_screening_file_is_one_sentence(tmp_path, content, message):
+    f = tmp_path / "screening.json"
+    f.write_text(content, encoding="utf-8")
+    out = nktrial("screen", str(f))
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
