@@ -181,10 +181,22 @@ def cmd_escalation_next(args) -> None:
 # -- database -------------------------------------------------------------------------------------
 
 def _engine():
+    import sqlalchemy as sa
+
     from models.db import make_engine
     from nktrial.settings import get_settings
 
-    return make_engine(get_settings().trial_database_url)
+    url = get_settings().trial_database_url
+    try:
+        engine = make_engine(url)
+        with engine.connect():
+            pass
+    except sa.exc.ArgumentError:
+        raise UserError(f"NKTRIAL_DATABASE_URL '{url}' is not a database URL like postgresql+psycopg://user@host/db") from None
+    except sa.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "no connection"
+        raise UserError(f"trial database {sa.engine.make_url(url).render_as_string(hide_password=True)} is not reachable ({reason})") from None
+    return engine
 
 
 def cmd_db_upgrade(args) -> None:

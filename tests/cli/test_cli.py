@@ -98,9 +98,23 @@ BAD_INPUT = [
 ]
 
 
+BAD_ENV = [
+    (["db", "status"], {"NKTRIAL_DATABASE_URL": "not a url"}, "NKTRIAL_DATABASE_URL 'not a url' is not a database URL"),
+    (["db", "upgrade"], {"NKTRIAL_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"}, "is not reachable"),
+]
+
+
 @pytest.mark.parametrize(("args", "message"), BAD_INPUT)
 def test_bad_input_is_one_sentence_and_a_non_zero_exit(args, message):
-    out = nktrial(*args)
+    _assert_one_sentence(nktrial(*args), message)
+
+
+@pytest.mark.parametrize(("args", "env", "message"), BAD_ENV)
+def test_a_bad_database_setting_is_one_sentence(args, env, message):
+    _assert_one_sentence(nktrial(*args, env=env), message)
+
+
+def _assert_one_sentence(out, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
