@@ -10,6 +10,7 @@ from models.tables import CalendarEventRow, DoseLevelState, LevelStatus, Protoco
 from protocol.calendar import Calendar
 from protocol.definition import ProtocolDefinition
 from protocol.eligibility import ScreeningResult
+from protocol.reminders import reminder_for
 
 
 def register_protocol(session: Session, *, protocol: ProtocolDefinition, at) -> ProtocolVersion:
@@ -33,6 +34,7 @@ def register_protocol(session: Session, *, protocol: ProtocolDefinition, at) -> 
         if session.get(DoseLevelState, lvl.level) is None:
             session.add(DoseLevelState(level=lvl.level, cells_per_infusion=lvl.cells_per_infusion,
                                        status=LevelStatus.OPEN if lvl.level == 1 else LevelStatus.PENDING,
+                                       slots_open=protocol.escalation.cohort_size.value if lvl.level == 1 else 0,
                                        opened_at=at if lvl.level == 1 else None))
     return row
 
@@ -59,14 +61,19 @@ def store_screening(session: Session, *, subject: Subject, result: ScreeningResu
     return row
 
 
-def store_calendar(session: Session, *, subject: Subject, calendar: Calendar) -> list[CalendarEventRow]:
-    """Upsert the computed calendar by event key; events already done, missed or cancelled keep their status."""
+def store_calendar(session: Session, *, subject: Subject, calendar: Calendar, protocol: ProtocolDefinition) -> list[CalendarEventRow]:
+    """Upsert the computed calendar by event key, with each event's reminder instant.
+
+    Events already done, missed or cancelled keep their status.
+    """
     existing = {r.key: r for r in session.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == subject.id))}
     rows = []
     for e in calendar.events:
         row = existing.get(e.key) or CalendarEventRow(subject_pk=subject.id, key=e.key, kind=e.kind)
         row.label, row.protocol_day, row.local_on, row.due_at = e.label, e.protocol_day, e.local_date, e.at_utc
         row.window_start_on, row.window_end_on, row.anchor_version = e.window_start, e.window_end, calendar.anchor_version
+        reminder = reminder_for(protocol, e)
+        row.remind_at = reminder.trigger_at if reminder else None
         session.add(row)
         rows.append(row)
     return rows

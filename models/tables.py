@@ -63,7 +63,21 @@ class OutboxStatus(StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     NO_CHANNEL = "no_channel"
-    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class OffStudyReason(StrEnum):
+    WITHDRAWAL = "withdrawal"
+    DEATH = "death"
+    PROGRESSION = "progression"
+    LOST_TO_FOLLOW_UP = "lost_to_follow_up"
+    INVESTIGATOR_DECISION = "investigator_decision"
+
+
+class LabKind(StrEnum):
+    DONOR_NK_COUNT = "donor_nk_count"
+    MRD_MFC = "mrd_mfc"
+    RESPONSE = "response"
 
 
 # Protocol version: the exact protocol file each record was made under.
@@ -83,6 +97,7 @@ class DoseLevelState(SQLModel, table=True):
     level: int = Field(primary_key=True)
     cells_per_infusion: float
     status: LevelStatus = Field(sa_type=enum_type(LevelStatus), default=LevelStatus.PENDING)
+    slots_open: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # slots authorized now: 3, then 6 on expansion
     opened_at: dt.datetime | None = _at(default=None)
     closed_at: dt.datetime | None = _at(default=None)
 
@@ -98,7 +113,8 @@ class Subject(SubjectBase, table=True):
     status: SubjectStatus = Field(sa_type=enum_type(SubjectStatus), default=SubjectStatus.SCREENING)
     dose_level: int | None = Field(default=None, foreign_key="dose_level_state.level")
     planned_day0_at: dt.datetime | None = _at(default=None)
-    off_study_reason: str | None = Field(default=None, max_length=200)
+    off_study_reason: OffStudyReason | None = Field(default=None, sa_type=enum_type(OffStudyReason, length=200))
+    off_study_on: dt.date | None = None
     created_at: dt.datetime = _at()
 
 
@@ -134,6 +150,8 @@ class Enrollment(SQLModel, table=True):
     cohort: int = Field(ge=1)
     slot: int = Field(ge=1)
     enrolled_at: dt.datetime = _at()
+    evaluable: bool | None = None  # set when the DLT window closes or the patient leaves the study
+    dlt_window_closed_at: dt.datetime | None = _at(default=None)
 
 
 # Waitlist: eligible patients waiting for a slot, first come first served.
@@ -163,6 +181,9 @@ class CalendarEventRow(SQLModel, table=True):
     actual_at: dt.datetime | None = _at(default=None)
     anchor_version: str = Field(max_length=16)
     flow_run_id: str | None = Field(default=None, max_length=36)
+    remind_at: dt.datetime | None = _at(default=None)  # when treatment-event should act; None: nothing to do
+    reminder_sent_at: dt.datetime | None = _at(default=None)  # when treatment-event acted on it
+    deviation_reason: str | None = Field(default=None, max_length=200)
 
 
 # Administration: an NK infusion (cells, lot) or an IL-2 dose (given or missed).
@@ -241,8 +262,34 @@ class NotificationOutbox(SQLModel, table=True):
     link: str | None = Field(default=None, max_length=300)
     status: OutboxStatus = Field(sa_type=enum_type(OutboxStatus), default=OutboxStatus.PENDING)
     attempts: int = 0
+    last_error: str | None = Field(default=None, max_length=300)
     created_at: dt.datetime = _at()
     delivered_at: dt.datetime | None = _at(default=None)
+
+
+# Notification delivery: one row per outbox message and channel that got it; a channel never gets it twice.
+class NotificationDelivery(SQLModel, table=True):
+    __tablename__ = "notification_delivery"
+    __table_args__ = (sa.UniqueConstraint("outbox_id", "channel", name="uq_delivery_outbox_channel"),)
+    id: int | None = Field(default=None, primary_key=True)
+    outbox_id: int = Field(foreign_key="notification_outbox.id", index=True)
+    channel: str = Field(max_length=64)  # digest of the apprise URL; the URL (and its secrets) is never stored
+    delivered_at: dt.datetime = _at()
+
+
+# Lab / PK result: donor NK cell count for a PK sample, MRD by MFC, response.
+class LabResult(SQLModel, table=True):
+    __tablename__ = "lab_result"
+    __table_args__ = (sa.UniqueConstraint("subject_pk", "kind", "event_key", name="uq_lab_result_subject_kind_event"),)
+    id: int | None = Field(default=None, primary_key=True)
+    subject_pk: int = Field(foreign_key="subject.id", index=True)
+    kind: LabKind = Field(sa_type=enum_type(LabKind))
+    event_key: str = Field(max_length=48)
+    sampled_on: dt.date
+    value: float | None = None
+    unit: str | None = Field(default=None, max_length=32)
+    category: str | None = Field(default=None, max_length=32)  # MRD positive/negative; response CR/CRi/PR/SD/PD
+    recorded_at: dt.datetime = _at()
 
 
 # Audit log: append-only (the database refuses UPDATE and DELETE). Who, when, what, old → new, why.

@@ -28,6 +28,6 @@ class UTCDateTime(sa.types.TypeDecorator):
         return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
 
 
-def enum_type(enum: type[Enum]) -> sa.Enum:
-    """A portable enum column: a short VARCHAR holding the enum's value, read back as the member."""
-    return sa.Enum(enum, native_enum=False, values_callable=lambda e: [m.value for m in e], length=32, validate_strings=True)
+def enum_type(enum: type[Enum], length: int = 32) -> sa.Enum:
+    """A portable enum column: a VARCHAR holding the enum's value, read back as the member."""
+    return sa.Enum(enum, native_enum=False, values_callable=lambda e: [m.value for m in e], length=length, validate_strings=True)

@@ -15,6 +15,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("data"), description="folder of the embedded SQLite trial database")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; PostgreSQL when set, else SQLite in data_dir")
     protocol_file: Path | None = Field(default=None, description="protocol YAML; the shipped NCT06641648 file when unset")
+    apprise_config: Path | None = Field(default=None, description="apprise config file; each URL tagged with the roles it serves")
+    actor: str = Field(default="coordinator", description="who the CLI records writes as, in the audit trail")
 
     @property
     def trial_database_url(self) -> str:

@@ -129,6 +129,7 @@ class Infusion(_Strict):
 class NkInfusions(Sourcing):
     infusions: list[Infusion] = Field(min_length=1)
     product_request_lead_days: Sourced[int]
+    cells_tolerance_percent: Sourced[float]
 
     @model_validator(mode="after")
     def _plan(self) -> NkInfusions:
@@ -145,6 +146,8 @@ class NkInfusions(Sourcing):
                 )
         if self.product_request_lead_days.value < 0:
             raise ValueError("product_request_lead_days must be 0 or more")
+        if not 0 <= self.cells_tolerance_percent.value <= 100:
+            raise ValueError("cells_tolerance_percent must be between 0 and 100")
         return self
 
 

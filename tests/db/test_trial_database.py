@@ -14,7 +14,7 @@ from sqlmodel import Session, SQLModel, select
 from models.crud import create_subject, register_protocol, store_calendar, store_screening
 from models.db import UnitOfWork, make_engine
 from models.migrate import current_revision, downgrade, head_revision, upgrade
-from models.tables import AuditLog, CalendarEventRow, DoseLevelState, Enrollment, LevelStatus, Subject, SubjectStatus
+from models.tables import AuditLog, CalendarEventRow, DoseLevelState, Enrollment, LevelStatus, OffStudyReason, Subject, SubjectStatus
 from protocol.calendar import compute_calendar
 from protocol.eligibility import ScreeningRecord, screen
 
@@ -55,14 +55,14 @@ def test_every_write_leaves_audit_rows_with_who_when_what_and_why(engine, protoc
     with uow(engine, "withdrawal of consent") as u:
         s = u.session.get(Subject, s.id)
         s.status = SubjectStatus.OFF_STUDY
-        s.off_study_reason = "withdrew consent"
+        s.off_study_reason = OffStudyReason.WITHDRAWAL
         u.commit()
     with Session(engine) as db:
         rows = db.exec(select(AuditLog).where(AuditLog.entity == "subject").order_by(AuditLog.id)).all()
     created = {r.field: r.new_value for r in rows if r.reason == "enroll S-001"}
     assert created["subject_id"] == "S-001" and created["status"] == "screening"
     changes = [(r.field, r.old_value, r.new_value) for r in rows if r.reason == "withdrawal of consent"]
-    assert sorted(changes) == [("off_study_reason", None, "withdrew consent"), ("status", "screening", "off_study")]
+    assert sorted(changes) == [("off_study_reason", None, "withdrawal"), ("status", "screening", "off_study")]
     assert all(r.actor == "coordinator:c1" and r.at == T0 and r.entity_id == str(s.id) for r in rows)
 
 
@@ -191,15 +191,19 @@ def test_a_screening_and_a_calendar_are_stored_and_re_anchored_in_place(engine, 
         register_protocol(u.session, protocol=protocol, at=u.at)
         s = create_subject(u.session, subject_id="S-020", at=u.at)
         store_screening(u.session, subject=s, result=screen(protocol, rec), at=u.at)
-        store_calendar(u.session, subject=s, calendar=compute_calendar(protocol, dose_level=1, day0=day0))
+        store_calendar(u.session, subject=s, calendar=compute_calendar(protocol, dose_level=1, day0=day0), protocol=protocol)
         u.commit()
     late = compute_calendar(protocol, dose_level=1, day0=day0, actual_infusions={1: day0 + dt.timedelta(days=1)})
     with uow(engine, "infusion 1 given a day late") as u:
-        store_calendar(u.session, subject=u.session.get(Subject, s.id), calendar=late)
+        store_calendar(u.session, subject=u.session.get(Subject, s.id), calendar=late, protocol=protocol)
         u.commit()
     with Session(engine) as db:
         rows = db.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == s.id)).all()
         moved = db.exec(select(AuditLog).where(AuditLog.reason == "infusion 1 given a day late", AuditLog.field == "due_at")).all()
+        reminded = {r.key: r.remind_at for r in rows}
     assert len(rows) == len(late.events)
     assert {r.key: r.due_at for r in rows}["nk_infusion-1"] == late.event("nk_infusion-1").at_utc
     assert len(moved) == len(late.events)  # every event moved a day, each change audited
+    assert reminded["il2_dose-01"] is None  # daily rounds cover IL-2
+    assert reminded["nk_infusion-2"] == late.event("nk_infusion-2").at_utc - dt.timedelta(days=1)
+    assert reminded["visit_1_month"] == dt.datetime(2027, 2, 26, 1, 0, tzinfo=dt.timezone.utc)  # window opens day 25, 09:00 local

@@ -1,0 +1,38 @@
+"""Pieces every flow uses: the clock, the trial database, the protocol, links and delivery."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.runtime import flow_run
+
+from nktrial.clock import current_clock
+from nktrial.runtime import protocol, trial_engine
+from nktrial.settings import get_settings
+from protocol.errors import UserError
+from tasks.delivery import deliver_pending, load_channels
+
+__all__ = ["UserError", "current_clock", "deliver_notices", "protocol", "run_link", "trial_engine"]
+
+
+def run_link() -> str | None:
+    """The Prefect UI address of the current flow run, for notices."""
+    return flow_run.ui_url
+
+
+@task(name="deliver-notices", retries=2, retry_delay_seconds=[1, 5])
+def _deliver(ids: list[int] | None = None) -> str:
+    report = deliver_pending(trial_engine(), load_channels(get_settings().apprise_config), clock=current_clock(), ids=ids)
+    summary = f"{report.delivered} delivered, {report.no_channel} with no channel configured, {report.pending} waiting for a channel"
+    if report.pending:
+        raise RuntimeError(f"{summary}: {'; '.join(report.errors[:3])}")
+    return summary
+
+
+def deliver_notices(ids: list[int] | None = None) -> None:
+    """Deliver pending notices; a channel still down after retries leaves them in the outbox, not lost."""
+    state = _deliver(ids, return_state=True)
+    logger = get_run_logger()
+    if state.is_completed():
+        logger.info("notices: %s", state.result())
+    else:
+        logger.warning("notices kept in the outbox for the next delivery pass (daily rounds): %s", state.message)

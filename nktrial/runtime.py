@@ -1,0 +1,34 @@
+"""Wiring done once per process, at run time: the trial engine and the protocol in force.
+
+Nothing here connects at import time; the first caller builds, later callers reuse.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+
+from models.db import make_engine
+from nktrial.settings import get_settings
+from protocol.definition import ProtocolDefinition, load_protocol
+
+
+@functools.lru_cache(maxsize=8)
+def _engine_for(url: str) -> sa.Engine:
+    return make_engine(url)
+
+
+def trial_engine() -> sa.Engine:
+    """The trial database named by the settings (SQLite under the data folder by default)."""
+    return _engine_for(get_settings().trial_database_url)
+
+
+@functools.lru_cache(maxsize=8)
+def _protocol_for(path: str | None) -> ProtocolDefinition:
+    return load_protocol(path)
+
+
+def protocol() -> ProtocolDefinition:
+    path = get_settings().protocol_file
+    return _protocol_for(str(path) if path else None)

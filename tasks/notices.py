@@ -1,0 +1,96 @@
+"""Staff notifications: composed from a fixed vocabulary, written to the outbox with the change.
+
+A notice carries the subject ID, the event, the due date and a link to the Prefect run, and
+nothing else about the patient: no name, birth date, free text or lab values. That is enforced
+here by construction: a message is built only from those fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlmodel import Session, select
+
+from models.tables import NotificationOutbox, OutboxStatus
+
+
+class Role(StrEnum):
+    """Apprise tags; each channel in the apprise config serves one or more roles."""
+
+    COORDINATOR = "coordinator"
+    NURSE = "nurse"
+    PI = "pi"
+    CELL_LAB = "cell-lab"
+    PHARMACY = "pharmacy"
+    SAFETY = "safety"
+
+
+class NoticeEvent(StrEnum):
+    """What happened, in words staff read. The value is the text shown."""
+
+    ENROLLED = "enrolled"
+    WAITLISTED = "eligible, waitlisted: no open slot"
+    NOT_ELIGIBLE = "screening: not eligible"
+    PRODUCT_REQUEST = "NK product request"
+    INFUSION_PREP = "NK infusion preparation"
+    INFUSION_RECORDED = "NK infusion recorded"
+    IL2_DUE = "IL-2 dose due today"
+    IL2_MISSED = "IL-2 dose missed (no administration recorded)"
+    VISIT_WINDOW_OPEN = "visit window opens"
+    VISIT_OUT_OF_WINDOW = "visit window closes today, visit not done"
+    PK_SAMPLE_DUE = "PK sample due"
+    DLT_WINDOW_CLOSED = "DLT window closed"
+    OVERDUE = "overdue"
+    OFF_STUDY = "off study: future visits and reminders cancelled"
+    DAILY_DIGEST = "daily digest"
+
+
+@dataclass(frozen=True)
+class Notice:
+    role: Role
+    event: NoticeEvent
+    subject_id: str | None = None
+    due_on: dt.date | None = None
+    detail: str = ""  # protocol wording only (e.g. "infusion 2, DL2"); never patient data
+    link: str | None = None
+
+    @property
+    def title(self) -> str:
+        return f"[NCT06641648] {self.subject_id + ' · ' if self.subject_id else ''}{self.event.value}"
+
+    @property
+    def body(self) -> str:
+        parts = [self.subject_id or "trial", self.event.value]
+        if self.detail:
+            parts.append(self.detail)
+        if self.due_on:
+            parts.append(f"due {self.due_on.isoformat()}")
+        if self.link:
+            parts.append(self.link)
+        return " · ".join(parts)
+
+
+def enqueue(session: Session, notice: Notice, *, dedup: str, at: dt.datetime) -> NotificationOutbox | None:
+    """Add a notice to the outbox in the caller's transaction. The same `dedup` key is written once."""
+    key = f"{notice.role.value}:{dedup}"[:160]
+    if session.exec(select(NotificationOutbox.id).where(NotificationOutbox.dedup_key == key)).first() is not None:
+        return None
+    row = NotificationOutbox(
+        dedup_key=key, role=notice.role.value, subject_id=notice.subject_id, event=notice.event.name.lower(),
+        title=notice.title, body=notice.body, link=notice.link, created_at=at,
+    )
+    session.add(row)
+    return row
+
+
+def cancel_pending(session: Session, *, subject_id: str) -> int:
+    """Cancel every undelivered notice of one subject (off study). Delivered ones stay as they were."""
+    rows = session.exec(
+        select(NotificationOutbox).where(NotificationOutbox.subject_id == subject_id, NotificationOutbox.status == OutboxStatus.PENDING)
+    ).all()
+    for row in rows:
+        row.status = OutboxStatus.CANCELLED
+        session.add(row)
+    return len(rows)
