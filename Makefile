@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 NKTRIAL_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 export NKTRIAL_TEST_POSTGRES_URL
 
-.PHONY: up test install clean
+.PHONY: up demo test install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,15 +17,15 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-## make up: set up, create or migrate the embedded trial database, and run the demo
+## make up: set up, then run the main job: local Prefect server (SQLite), deployments, worker. Ctrl-C stops.
 up: $(BIN)/.installed
-	$(BIN)/nktrial db upgrade
+	$(BIN)/nktrial up
+
+## make demo: the pure parts on the command line, no server needed
+demo: $(BIN)/.installed
 	$(BIN)/nktrial protocol show
-	@echo
 	$(BIN)/nktrial screen examples/screening-S-001.json --day0 2027-01-31
-	@echo
 	$(BIN)/nktrial calendar --dose-level 1 --day0 2027-01-31T09:00
-	@echo
 	$(BIN)/nktrial escalation next ""
 
 ## make test: set up and run every test (protocol, both databases, CLI)

@@ -234,11 +234,155 @@ def cmd_db_status(args) -> None:
               f"audit rows: {s.exec(select(func.count()).select_from(AuditLog)).one()}")
 
 
+# -- recording (the same operations as the flows, straight to the trial database) ---------------
+
+def _writer(args):
+    from nktrial.clock import wall_clock
+    from nktrial.runtime import protocol
+
+    return _engine(), protocol() if args.protocol is None else _protocol(args), wall_clock
+
+
+def _deliver_now(args) -> None:
+    """Send what the write put in the outbox; a channel that is down keeps it pending, not lost."""
+    from nktrial.settings import get_settings
+    from tasks.delivery import deliver_pending, load_channels
+
+    engine, _, clock = _writer(args)
+    report = deliver_pending(engine, load_channels(get_settings().apprise_config), clock=clock)
+    if report.pending:
+        print(f"note: {report.pending} notice(s) wait in the outbox for a channel that did not answer; `nktrial notify deliver` retries")
+
+
+def _sync_projection(subject_id: str) -> None:
+    """Ask the Prefect server, if one is configured, to re-project the patient's runs."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print("note: PREFECT_API_URL is not set; the patient's scheduled runs catch up at the next daily rounds")
+        return
+    from prefect.deployments import run_deployment
+
+    run = run_deployment("patient-treatment/patient-treatment", parameters={"subject": {"subject_id": subject_id}},
+                         timeout=0, as_subflow=False, flow_run_name=f"{subject_id} · treatment plan")
+    print(f"patient-treatment run {run.id} re-projects {subject_id}'s scheduled runs")
+
+
+def cmd_enroll(args) -> None:
+    from tasks.records import EnrollmentStatus, enroll
+
+    engine, p, clock = _writer(args)
+    outcome = enroll(engine, p, record=_read_screening(args.file), planned_day0=_local_datetime("--day0", args.day0),
+                     actor=args.actor, clock=clock)
+    print(outcome.message)
+    _deliver_now(args)
+    if outcome.status is EnrollmentStatus.ENROLLED:
+        _sync_projection(outcome.subject_id)
+
+
+def cmd_record_infusion(args) -> None:
+    from tasks.records import record_infusion
+
+    engine, p, clock = _writer(args)
+    record_infusion(engine, p, subject_id=args.subject, infusion_number=args.number, given_at=_local_datetime("--given-at", args.given_at),
+                    dose_level=args.dose_level, cells_infused=args.cells, product_lot=args.lot, deviation_reason=args.deviation_reason,
+                    actor=args.actor, clock=clock)
+    print(f"{args.subject}: NK infusion {args.number} recorded; calendar re-anchored")
+    _deliver_now(args)
+    _sync_projection(args.subject)
+
+
+def cmd_record_il2(args) -> None:
+    from tasks.records import record_il2_dose
+
+    if (args.given_at is None) == (args.missed is None):
+        raise UserError("give exactly one of --given-at (the dose was given) or --missed REASON (it was not)")
+    engine, p, clock = _writer(args)
+    record_il2_dose(engine, p, subject_id=args.subject, dose_number=args.dose, given=args.given_at is not None,
+                    given_at=_local_datetime("--given-at", args.given_at) if args.given_at else None, missed_reason=args.missed,
+                    deviation_reason=args.deviation_reason, actor=args.actor, clock=clock)
+    print(f"{args.subject}: IL-2 dose {args.dose} recorded as {'given' if args.given_at else 'missed'}")
+
+
+def cmd_record_visit(args) -> None:
+    from tasks.records import VisitKind, record_visit
+
+    engine, p, clock = _writer(args)
+    visit = VisitKind.ONE_MONTH if args.visit == "1-month" else VisitKind.THREE_MONTH
+    record_visit(engine, p, subject_id=args.subject, visit=visit, done_on=_local_date("--done-on", args.done_on),
+                 deviation_reason=args.deviation_reason, actor=args.actor, clock=clock)
+    print(f"{args.subject}: {args.visit} visit recorded")
+
+
+def cmd_record_lab(args) -> None:
+    from pydantic import ValidationError
+
+    from tasks.records import LabResultInput, record_lab_result
+
+    fields = {"subject_id": args.subject, "kind": args.kind, "sampled_on": args.sampled_on, "pk_day": args.pk_day,
+              "donor_nk_cells_per_ul": args.cells_per_ul, "mrd": args.mrd, "mrd_percent": args.mrd_percent, "response": args.response}
+    if args.visit:
+        fields["visit"] = "visit_1_month" if args.visit == "1-month" else "visit_3_month"
+    try:
+        result = LabResultInput.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise UserError(first_validation_error(exc, "lab result")) from None
+    engine, p, clock = _writer(args)
+    record_lab_result(engine, p, result=result, actor=args.actor, clock=clock)
+    print(f"{args.subject}: {args.kind} recorded")
+
+
+def cmd_off_study(args) -> None:
+    from models.tables import OffStudyReason
+    from tasks.records import take_off_study
+
+    engine, p, clock = _writer(args)
+    n = take_off_study(engine, p, subject_id=args.subject, reason=OffStudyReason(args.reason),
+                       effective_on=_local_date("--effective-on", args.effective_on), actor=args.actor, clock=clock)
+    print(f"{args.subject} is off study ({args.reason}); {n} planned events cancelled, the record is kept")
+    _deliver_now(args)
+    _sync_projection(args.subject)
+
+
+def cmd_notify_deliver(args) -> None:
+    from nktrial.settings import get_settings
+    from tasks.delivery import deliver_pending, load_channels
+
+    engine, _, clock = _writer(args)
+    report = deliver_pending(engine, load_channels(get_settings().apprise_config), clock=clock)
+    print(f"{report.delivered} delivered, {report.no_channel} with no channel configured, {report.pending} still waiting for a channel")
+
+
+def cmd_notify_list(args) -> None:
+    from sqlmodel import Session, select
+
+    from models.tables import NotificationOutbox
+
+    engine = _engine()
+    with Session(engine) as s:
+        rows = s.exec(select(NotificationOutbox).order_by(NotificationOutbox.id.desc()).limit(args.limit)).all()
+    print(_table([[str(r.id), f"{r.created_at:%Y-%m-%d %H:%M}", r.role, r.status.value, r.body[:90]] for r in rows],
+                 ["id", "created (UTC)", "role", "status", "message"]))
+
+
+# -- the main job ---------------------------------------------------------------------------------
+
+def cmd_up(args) -> None:
+    from nktrial.settings import get_settings
+    from nktrial.up import run
+
+    settings = get_settings()
+    code = run(host=args.host, port=args.port, data_dir=settings.data_dir, apprise_config=settings.apprise_config)
+    if code:
+        raise SystemExit(code)
+
+
 # -- wiring ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nktrial", description="NCT06641648 treatment schedule: protocol, calendar, screening, escalation.")
     parser.add_argument("--protocol", type=Path, default=None, help="protocol YAML file (default: the shipped NCT06641648 file)")
+    parser.add_argument("--actor", default=None, help="who records, for the audit trail (default: NKTRIAL_ACTOR or 'coordinator')")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prot = sub.add_parser("protocol", help="the encoded protocol").add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -268,11 +412,71 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="the trial database").add_subparsers(dest="action", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="create or migrate the schema (idempotent) and register the protocol").set_defaults(func=cmd_db_upgrade)
     db.add_parser("status", help="schema revision and a few counts").set_defaults(func=cmd_db_status)
+    enr = sub.add_parser("enroll", help="screen and enroll a patient from a JSON screening record")
+    enr.add_argument("file")
+    enr.add_argument("--day0", required=True, help="planned NK infusion 1, site-local, e.g. 2027-01-31T09:00")
+    enr.set_defaults(func=cmd_enroll)
+
+    rec = sub.add_parser("record", help="record what was done").add_subparsers(dest="action", required=True, metavar="WHAT")
+    inf = rec.add_parser("infusion", help="an NK infusion given")
+    inf.add_argument("--subject", required=True)
+    inf.add_argument("--number", type=int, required=True, help="1 or 2")
+    inf.add_argument("--dose-level", type=int, required=True, help="the subject's assigned level, as a check")
+    inf.add_argument("--given-at", required=True, help="site-local, e.g. 2027-01-31T09:10")
+    inf.add_argument("--cells", type=float, required=True, help="cells infused, e.g. 1e8")
+    inf.add_argument("--lot", required=True, help="product lot")
+    inf.add_argument("--deviation-reason")
+    inf.set_defaults(func=cmd_record_infusion)
+    il2 = rec.add_parser("il2", help="an IL-2 dose given (--given-at) or missed (--missed REASON)")
+    il2.add_argument("--subject", required=True)
+    il2.add_argument("--dose", type=int, required=True, help="dose number, 1 to 28")
+    il2.add_argument("--given-at")
+    il2.add_argument("--missed", metavar="REASON")
+    il2.add_argument("--deviation-reason")
+    il2.set_defaults(func=cmd_record_il2)
+    vis = rec.add_parser("visit", help="the 1-month or 3-month visit done")
+    vis.add_argument("--subject", required=True)
+    vis.add_argument("--visit", choices=["1-month", "3-month"], required=True)
+    vis.add_argument("--done-on", required=True)
+    vis.add_argument("--deviation-reason")
+    vis.set_defaults(func=cmd_record_visit)
+    lab = rec.add_parser("lab", help="a donor NK count (PK), MRD by MFC, or response")
+    lab.add_argument("--subject", required=True)
+    lab.add_argument("--kind", choices=["donor_nk_count", "mrd_mfc", "response"], required=True)
+    lab.add_argument("--sampled-on", required=True)
+    lab.add_argument("--pk-day", type=int)
+    lab.add_argument("--cells-per-ul", type=float)
+    lab.add_argument("--mrd", choices=["positive", "negative"])
+    lab.add_argument("--mrd-percent", type=float)
+    lab.add_argument("--response", choices=["CR", "CRi", "MLFS", "PR", "SD", "PD"])
+    lab.add_argument("--visit", choices=["1-month", "3-month"])
+    lab.set_defaults(func=cmd_record_lab)
+
+    off = sub.add_parser("off-study", help="take a patient off study (cancels future runs and notices, keeps the record)")
+    off.add_argument("--subject", required=True)
+    off.add_argument("--reason", required=True, choices=["withdrawal", "death", "progression", "lost_to_follow_up", "investigator_decision"])
+    off.add_argument("--effective-on", required=True)
+    off.set_defaults(func=cmd_off_study)
+
+    note = sub.add_parser("notify", help="the notification outbox").add_subparsers(dest="action", required=True, metavar="ACTION")
+    note.add_parser("deliver", help="deliver pending notices now (also after a restart)").set_defaults(func=cmd_notify_deliver)
+    nl = note.add_parser("list", help="the newest notices and their status")
+    nl.add_argument("--limit", type=int, default=20)
+    nl.set_defaults(func=cmd_notify_list)
+
+    up = sub.add_parser("up", help="start a local Prefect server, deploy every flow, start a worker (Ctrl-C stops)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=4200)
+    up.set_defaults(func=cmd_up)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.actor is None:
+        from nktrial.settings import get_settings
+
+        args.actor = get_settings().actor
     try:
         args.func(args)
     except UserError as exc:

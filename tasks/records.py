@@ -499,6 +499,9 @@ def act_on_event(
         detail = row.label if row.kind is not EventKind.NK_INFUSION else f"infusion {row.key.rsplit('-', 1)[1]}, DL{subject.dose_level}"
         if row.kind is EventKind.PRODUCT_REQUEST:
             detail = f"{row.label.replace('product request for ', '')}, DL{subject.dose_level}"
+        elif row.kind in (EventKind.VISIT_1_MONTH, EventKind.VISIT_3_MONTH):
+            procedures = next((v.procedures for v in protocol.visits if v.kind == row.kind.value), [])
+            detail = f"{row.label} ({row.window_start_on} to {row.window_end_on}): {', '.join(procedures)}"
         sent = 0
         for role in roles:
             sent += enqueue(s, Notice(role, event, subject_id, due_on=_due_on(s, subject, row), detail=detail, link=link),

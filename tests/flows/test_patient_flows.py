@@ -259,3 +259,12 @@ def test_il2_and_visit_recordings_validate_against_the_calendar(trial_db, clock,
                                   recorded_by="coord-1"), return_state=True)
     assert ok.is_completed()
     assert protocol().version == "1.0.0"
+
+
+def test_the_3_month_visit_window_notice_lists_what_is_due(trial_db, clock, channels):
+    enroll_patient(request("S-022"))
+    run = next(r for r in subject_runs("S-022") if r.parameters["event"]["event_key"] == "visit_3_month")
+    assert execute_run(run, clock).is_completed()
+    (note,) = [m.body for m in channels("coordinator") if "visit window opens" in m.body]
+    assert note.startswith("S-022 · visit window opens · 3-month visit (2027-04-24 to 2027-05-08): bone-marrow aspirate, "
+                           "MRD by multiparameter flow cytometry, response assessment (CR) · due 2027-05-01")

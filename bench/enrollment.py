@@ -1,0 +1,172 @@
+"""Benchmark: enrollment to scheduled runs, against bare run creation; daily rounds at scale.
+
+Runs against a real local Prefect server (the test harness's, SQLite) and a scratch SQLite trial
+database. Prints medians and ratios measured in the same run. Not a test: nothing here asserts.
+
+    .venv/bin/python bench/enrollment.py [--patients 1,50] [--rounds 1000,10000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import sqlalchemy as sa  # noqa: E402
+from prefect import flow, get_client  # noqa: E402
+from prefect.states import Scheduled  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.enrollment import EnrollmentRequest, enroll_patient  # noqa: E402
+from flows.rounds import RoundsOptions, daily_rounds  # noqa: E402
+from flows.treatment import patient_treatment, treatment_event  # noqa: E402
+from models.crud import register_protocol  # noqa: E402
+from models.db import UnitOfWork  # noqa: E402
+from models.migrate import upgrade  # noqa: E402
+from models.tables import CalendarEventRow, DoseLevelState, Enrollment, EventStatus, Subject, SubjectStatus  # noqa: E402
+from nktrial.clock import VirtualClock, use_clock  # noqa: E402
+from nktrial.runtime import protocol, trial_engine  # noqa: E402
+from protocol.calendar import compute_calendar  # noqa: E402
+from protocol.eligibility import ScreeningRecord  # noqa: E402
+from protocol.reminders import reminder_for  # noqa: E402
+
+EXAMPLE = json.loads((ROOT / "examples" / "screening-S-001.json").read_text())
+START = dt.datetime(2027, 1, 20, 1, 0, tzinfo=dt.timezone.utc)
+
+
+@flow(name="noop")
+def noop() -> None:
+    """The baseline: a deployment whose runs do nothing."""
+
+
+def fresh_trial_db(tmp: Path, name: str, slots: int) -> sa.Engine:
+    os.environ["NKTRIAL_DATABASE_URL"] = f"sqlite:///{tmp / name}"
+    engine = trial_engine()
+    upgrade(engine)
+    with UnitOfWork(engine, actor="bench", reason="benchmark setup: open enough slots", clock=lambda: START) as u:
+        register_protocol(u.session, protocol=protocol(), at=u.at)
+        level = u.session.get(DoseLevelState, 1)
+        level.slots_open = slots  # bench only: the 3+3 gate would hold the cohort at 3
+        u.session.add(level)
+        u.commit()
+    return engine
+
+
+def time_enrollments(n: int, first: int) -> list[float]:
+    times = []
+    for i in range(n):
+        req = EnrollmentRequest(screening=ScreeningRecord.model_validate({**EXAMPLE, "subject_id": f"S-{first + i:03d}"}),
+                                planned_day0=dt.datetime(2027, 1, 31, 9, 0), recorded_by="bench")
+        t0 = time.perf_counter()
+        state = enroll_patient(req, return_state=True)
+        times.append(time.perf_counter() - t0)
+        assert state.name == "Enrolled", state.message
+    return times
+
+
+def time_bare_runs(n_patients: int, runs_each: int) -> list[float]:
+    times = []
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("noop/noop")
+        for _ in range(n_patients):
+            t0 = time.perf_counter()
+            for j in range(runs_each):
+                client.create_flow_run_from_deployment(dep.id, state=Scheduled(scheduled_time=START + dt.timedelta(days=j)))
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def seed_active_patients(engine: sa.Engine, n: int, today: dt.datetime) -> None:
+    """n patients spread over the last 100 days of treatment, written straight into the database."""
+    p = protocol()
+    subjects, enrollments, events = [], [], []
+    calendars = {}
+    for i in range(n):
+        offset = i % 100
+        day0 = (today - dt.timedelta(days=offset)).replace(hour=9, minute=0, second=0, microsecond=0, tzinfo=None)
+        if offset not in calendars:
+            calendars[offset] = compute_calendar(p, dose_level=1, day0=day0)
+        subjects.append({"id": i + 1, "subject_id": f"B-{i:05d}", "dose_level": 1,
+                         "planned_day0_at": calendars[offset].event("nk_infusion-1").at_utc, "created_at": START})
+        enrollments.append({"subject_pk": i + 1, "dose_level": 1, "cohort": 1, "slot": i + 1, "enrolled_at": START})
+    for i in range(n):
+        cal = calendars[i % 100]
+        for e in cal.events:
+            r = reminder_for(p, e)
+            past = e.at_utc < today.astimezone(dt.timezone.utc) - dt.timedelta(days=1)
+            events.append({"subject_pk": i + 1, "key": e.key, "kind": e.kind, "label": e.label, "protocol_day": e.protocol_day,
+                           "local_on": e.local_date, "due_at": e.at_utc, "window_start_on": e.window_start, "window_end_on": e.window_end,
+                           "status": EventStatus.DONE if past else EventStatus.PLANNED, "anchor_version": cal.anchor_version,
+                           "remind_at": r.trigger_at if r else None,
+                           "reminder_sent_at": START if (r and r.trigger_at < today.astimezone(dt.timezone.utc)) else None})
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Subject.__table__), [{**s, "status": SubjectStatus.ON_TREATMENT} for s in subjects])
+        conn.execute(sa.insert(Enrollment.__table__), enrollments)
+        for k in range(0, len(events), 20_000):
+            conn.execute(sa.insert(CalendarEventRow.__table__), events[k:k + 20_000])
+
+
+def time_rounds(n: int, tmp: Path) -> tuple[float, list[float], str]:
+    engine = fresh_trial_db(tmp, f"rounds-{n}.db", slots=n)
+    today = dt.datetime(2027, 6, 1, 7, 0, tzinfo=dt.timezone(dt.timedelta(hours=8)))
+    seed_active_patients(engine, n, today)
+    with use_clock(VirtualClock(today)):
+        t0 = time.perf_counter()
+        first = daily_rounds(RoundsOptions())
+        first_s = time.perf_counter() - t0
+        steady = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            daily_rounds(RoundsOptions())
+            steady.append(time.perf_counter() - t0)
+    return first_s, steady, first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patients", default="1,50")
+    ap.add_argument("--rounds", default="1000,10000")
+    ap.add_argument("--repeat", type=int, default=5, help="repeats of the 1-patient case")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        with prefect_test_harness(server_startup_timeout=90):
+            for f in (patient_treatment, treatment_event, noop):
+                f.to_deployment(name=f.name).apply()
+            cal = compute_calendar(protocol(), dose_level=1, day0=dt.datetime(2027, 1, 31, 9, 0))
+            runs_each = sum(1 for e in cal.events if reminder_for(protocol(), e)) - 1  # product request 1 goes out at enrollment
+            print("enrollment → all scheduled runs created (median seconds per patient; baseline: the same number of bare runs)")
+            first = 1
+            for n in [int(x) for x in args.patients.split(",") if x]:
+                fresh_trial_db(tmp, f"enroll-{n}.db", slots=10_000)
+                with use_clock(VirtualClock(START)):
+                    count = args.repeat if n == 1 else n
+                    times = time_enrollments(count, first)
+                first += count
+                bare = time_bare_runs(count, runs_each)
+                m, b = statistics.median(times), statistics.median(bare)
+                print(f"  {n:>3} patient(s), {count:>2} timed: enroll {m:6.3f} s (total {sum(times):6.1f} s)   "
+                      f"bare {runs_each} runs {b:6.3f} s (total {sum(bare):6.1f} s)   ratio {m / b:5.2f}", flush=True)
+        print("daily rounds over active patients seeded in the trial database (seconds; a fresh Prefect server each)")
+        for n in [int(x) for x in args.rounds.split(",") if x]:
+            with prefect_test_harness(server_startup_timeout=90):
+                for f in (patient_treatment, treatment_event):
+                    f.to_deployment(name=f.name).apply()
+                first_s, steady, summary = time_rounds(n, tmp)
+            print(f"  {n:>6} patients: first run {first_s:7.2f} s ({summary.split('projection ')[-1]})   "
+                  f"steady state median of 3 {statistics.median(steady):7.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

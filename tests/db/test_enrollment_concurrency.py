@@ -1,0 +1,58 @@
+"""Concurrent enrollments never over-fill a cohort: the unique slot is the guard, on both engines."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from models.db import make_engine
+from models.migrate import upgrade
+from models.tables import Enrollment, Subject, SubjectStatus, WaitlistEntry
+from protocol.eligibility import ScreeningRecord
+from tasks.records import EnrollmentStatus, enroll
+
+EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
+NOW = dt.datetime(2027, 1, 20, 1, 0, tzinfo=dt.timezone.utc)
+
+
+def _enroll(engine, protocol, sid: str):
+    rec = ScreeningRecord.model_validate({**EXAMPLE, "subject_id": sid})
+    return enroll(engine, protocol, record=rec, planned_day0=dt.datetime(2027, 1, 31, 9, 0), actor="coord-1", clock=lambda: NOW)
+
+
+def test_concurrent_enrollment_into_the_last_slot_yields_exactly_one_patient(db_url, protocol):
+    engine = make_engine(db_url, pool_size=10) if db_url.startswith("postgresql") else make_engine(db_url)
+    upgrade(engine)
+    assert _enroll(engine, protocol, "S-001").status is EnrollmentStatus.ENROLLED
+    assert _enroll(engine, protocol, "S-002").status is EnrollmentStatus.ENROLLED
+    contenders = [f"S-{n:03d}" for n in range(10, 18)]
+    outcomes, errors = {}, []
+    barrier = threading.Barrier(len(contenders))
+
+    def go(sid):
+        try:
+            barrier.wait()
+            outcomes[sid] = _enroll(engine, protocol, sid).status
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go, args=(sid,)) for sid in contenders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(outcomes.values()).count(EnrollmentStatus.ENROLLED) == 1
+    assert sorted(outcomes.values()).count(EnrollmentStatus.WAITLISTED) == len(contenders) - 1
+    with Session(engine) as s:
+        slots = sorted(e.slot for e in s.exec(select(Enrollment)))
+        assert slots == [1, 2, 3]
+        waitlist = s.exec(select(Subject.subject_id).join(WaitlistEntry, WaitlistEntry.subject_pk == Subject.id)
+                          .order_by(WaitlistEntry.id)).all()
+        assert len(waitlist) == len(contenders) - 1
+        assert all(s.exec(select(Subject).where(Subject.subject_id == sid)).one().status is SubjectStatus.WAITLISTED for sid in waitlist)
+    engine.dispose()
