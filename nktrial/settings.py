@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,11 @@ class Settings(BaseSettings):
     protocol_file: Path | None = Field(default=None, description="protocol YAML; the shipped NCT06641648 file when unset")
     apprise_config: Path | None = Field(default=None, description="apprise config file; each URL tagged with the roles it serves")
     actor: str = Field(default="coordinator", description="who the CLI records writes as, in the audit trail")
+
+    @field_validator("database_url", "protocol_file", "apprise_config", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, v):
+        return None if isinstance(v, str) and not v.strip() else v
 
     @property
     def trial_database_url(self) -> str:

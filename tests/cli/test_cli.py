@@ -137,3 +137,22 @@ def test_a_bad_screening_file_is_one_sentence(tmp_path, content, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_recording_commands_write_once_and_refuse_bad_input_in_one_sentence(tmp_path):
+    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
+    assert nktrial("db", "upgrade", env=env).returncode == 0
+    enrolled = nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env)
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "S-001 enrolled at dose level 1, cohort 1, slot 1" in enrolled.stdout
+    again = nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env)
+    _assert_one_sentence(again, "subject_id S-001 is already enrolled; it cannot be enrolled again")
+    wrong_level = nktrial("record", "infusion", "--subject", "S-001", "--number", "1", "--dose-level", "3", "--given-at",
+                          "2026-01-31T09:00", "--cells", "1e8", "--lot", "L1", env=env)
+    _assert_one_sentence(wrong_level, "dose_level 3 does not match S-001's assigned dose level 1")
+    both = nktrial("record", "il2", "--subject", "S-001", "--dose", "1", "--given-at", "2026-02-01T09:00", "--missed", "x", env=env)
+    _assert_one_sentence(both, "give exactly one of --given-at")
+    unknown = nktrial("off-study", "--subject", "S-404", "--reason", "withdrawal", "--effective-on", "2026-01-01", env=env)
+    _assert_one_sentence(unknown, "subject_id S-404 is not in the trial database")
+    outbox = nktrial("notify", "list", env=env)
+    assert "S-001 · enrolled" in outbox.stdout and "no_channel" in outbox.stdout
