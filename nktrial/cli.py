@@ -178,6 +178,58 @@ def cmd_escalation_next(args) -> None:
     print(f"{decision.action.value}{where}{mtd}\n{decision.reason}")
 
 
+def _design(args):
+    from protocol.three_plus_three import Design
+
+    p = _protocol(args)
+    return Design(num_levels=len(p.dose_levels.levels), cohort_size=p.escalation.cohort_size.value)
+
+
+def _probabilities(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--p '{text}' must be DLT probabilities separated by commas, e.g. 0.05,0.15,0.30") from None
+
+
+def cmd_escalation_oc(args) -> None:
+    from protocol.operating import operating_characteristics
+
+    try:
+        oc = operating_characteristics(_design(args), _probabilities(args.p))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        _print_json(oc.as_dict())
+        return
+    rows = [[f"DL{k}", f"{oc.p[k - 1]:.2f}", f"{oc.p_mtd[k]:.4f}", f"{oc.expected_patients[k]:.2f}", f"{oc.expected_dlts[k]:.2f}"]
+            for k in oc.p_mtd]
+    print(f"3+3, exact over {oc.paths} dose paths\n")
+    print(_table(rows, ["level", "true P(DLT)", "P(declared MTD)", "E[patients]", "E[DLTs]"]))
+    print(f"\nP(no tolerable dose) = {oc.p_no_tolerable_dose:.4f}; E[patients] in all = {sum(oc.expected_patients.values()):.2f}")
+
+
+def cmd_escalation_paths(args) -> None:
+    from protocol.operating import dose_paths
+
+    design = _design(args)
+    p = _probabilities(args.p) if args.p else None
+    if p is not None and len(p) != design.num_levels:
+        raise UserError(f"--p needs one DLT probability per dose level ({design.num_levels}), got {len(p)}")
+    paths = dose_paths(design)
+    rows = [{"history": x.history, "mtd": x.final.mtd, "patients": sum(c.n for c in x.cohorts),
+             **({"probability": x.probability(p)} if p else {})} for x in paths]
+    if p:
+        rows.sort(key=lambda r: -r["probability"])
+    if args.json:
+        _print_json(rows)
+        return
+    header = ["history", "MTD", "patients"] + (["probability"] if p else [])
+    print(_table([[r["history"], str(r["mtd"] or "none"), str(r["patients"])] + ([f"{r['probability']:.6f}"] if p else [])
+                  for r in rows[: args.limit]], header))
+    print(f"\n{len(paths)} paths" + (f"; the {args.limit} shown" if args.limit < len(paths) else ""))
+
+
 # -- database -------------------------------------------------------------------------------------
 
 def _engine():
@@ -408,6 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     nxt.add_argument("history")
     nxt.add_argument("--json", action="store_true")
     nxt.set_defaults(func=cmd_escalation_next)
+
+    oc = esc.add_parser("oc", help="exact operating characteristics for true DLT probabilities")
+    oc.add_argument("--p", required=True, help="one DLT probability per level, e.g. 0.05,0.15,0.30")
+    oc.add_argument("--json", action="store_true")
+    oc.set_defaults(func=cmd_escalation_oc)
+    paths = esc.add_parser("paths", help="every dose path the design can take")
+    paths.add_argument("--p", help="with probabilities: sorted, most likely first")
+    paths.add_argument("--limit", type=int, default=10_000)
+    paths.add_argument("--json", action="store_true")
+    paths.set_defaults(func=cmd_escalation_paths)
 
     db = sub.add_parser("db", help="the trial database").add_subparsers(dest="action", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="create or migrate the schema (idempotent) and register the protocol").set_defaults(func=cmd_db_upgrade)

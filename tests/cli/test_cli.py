@@ -156,3 +156,14 @@ def test_recording_commands_write_once_and_refuse_bad_input_in_one_sentence(tmp_
     _assert_one_sentence(unknown, "subject_id S-404 is not in the trial database")
     outbox = nktrial("notify", "list", env=env)
     assert "S-001 · enrolled" in outbox.stdout and "no_channel" in outbox.stdout
+
+
+def test_escalation_oc_is_exact_and_paths_are_listed():
+    out = nktrial("escalation", "oc", "--p", "0.05,0.15,0.30", "--json")
+    assert out.returncode == 0, out.stderr
+    oc = json.loads(out.stdout)
+    assert abs(sum(oc["p_mtd"].values()) + oc["p_no_tolerable_dose"] - 1) < 1e-9
+    paths = json.loads(nktrial("escalation", "paths", "--json").stdout)
+    assert len(paths) == oc["paths"] and {"history": "1TT", "mtd": None, "patients": 2} in paths
+    bad = nktrial("escalation", "oc", "--p", "0.1,0.2")
+    assert bad.returncode == 2 and "one DLT probability per dose level (3), got 2" in bad.stderr
