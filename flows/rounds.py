@@ -25,6 +25,13 @@ def rounds_task() -> RoundsReport:
     return rounds(trial_engine(), protocol(), clock=current_clock(), link=run_link())
 
 
+@task(name="pi-reminders")
+def pi_reminders_task() -> tuple[int, int]:
+    from tasks.safety import pi_reminders
+
+    return pi_reminders(trial_engine(), protocol(), clock=current_clock(), link=run_link())
+
+
 @task(name="reconcile-projection")
 def reconcile_task(horizon_days: int) -> str:
     now = current_clock()()
@@ -60,10 +67,12 @@ def rounds_markdown(r: RoundsReport, projection: str) -> str:
 def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     """IL-2 due and missed, visits closing, overdue items, the coordinators' digest, and the projection check."""
     report = rounds_task()
+    reviews, adjudications = pi_reminders_task()
     deliver_notices()  # also redelivers anything a down channel left in the outbox
     projection = reconcile_task(options.reconcile_horizon_days)
     create_markdown_artifact(key="daily-rounds", markdown=rounds_markdown(report, projection), description=f"Daily rounds {report.today}")
     summary = (f"{report.active_patients} active; IL-2 due {len(report.il2_due)}, missed {len(report.il2_missed)}; "
-               f"visits closing {len(report.visits_closing)}; overdue {len(report.overdue)}; projection {projection}")
+               f"visits closing {len(report.visits_closing)}; overdue {len(report.overdue)}; "
+               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; projection {projection}")
     get_run_logger().info(summary)
     return summary

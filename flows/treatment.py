@@ -101,4 +101,8 @@ def treatment_event(event: TreatmentEventRef) -> str:
     get_run_logger().info(action.why)
     if action.notices:
         deliver_notices()
+    if action.review_ready:  # the cohort's last DLT window closed: hand over to the escalation gate
+        from flows.safety import _review_if_ready
+
+        _review_if_ready()
     return action.why

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 from sqlmodel import Session, select
 
@@ -28,7 +29,8 @@ def register_protocol(session: Session, *, protocol: ProtocolDefinition, at) -> 
                 "an amendment must carry a new protocol.version"
             )
         return row
-    row = ProtocolVersion(trial_id=protocol.protocol.trial_id, version=protocol.version, sha256=digest, content_json=content, loaded_at=at)
+    row = ProtocolVersion(trial_id=protocol.protocol.trial_id, version=protocol.version, sha256=digest, content_json=content, loaded_at=at,
+                          instance_id=uuid.uuid4().hex)
     session.add(row)
     for lvl in protocol.dose_levels.levels:
         if session.get(DoseLevelState, lvl.level) is None:
@@ -37,6 +39,12 @@ def register_protocol(session: Session, *, protocol: ProtocolDefinition, at) -> 
                                        slots_open=protocol.escalation.cohort_size.value if lvl.level == 1 else 0,
                                        opened_at=at if lvl.level == 1 else None))
     return row
+
+
+def trial_instance(session: Session) -> str:
+    """A short random name for this trial database, so its Prefect runs never collide with another's."""
+    row = session.exec(select(ProtocolVersion).order_by(ProtocolVersion.id)).first()
+    return row.instance_id[:8] if row and row.instance_id else "trial"
 
 
 def get_subject(session: Session, *, subject_id: str) -> Subject | None:

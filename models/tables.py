@@ -89,11 +89,16 @@ class ProtocolVersion(SQLModel, table=True):
     sha256: str = Field(max_length=64)
     content_json: str
     loaded_at: dt.datetime = _at()
+    instance_id: str = Field(default="", max_length=32, sa_column_kwargs={"server_default": ""})  # names this trial database to Prefect
 
 
 # Dose level / cohort state: which level is open for enrollment.
 class DoseLevelState(SQLModel, table=True):
     __tablename__ = "dose_level_state"
+    __table_args__ = (  # two dose levels never enroll at the same time
+        sa.Index("uq_one_open_level", "status", unique=True, sqlite_where=sa.text("status = 'open'"),
+                 postgresql_where=sa.text("status = 'open'")),
+    )
     level: int = Field(primary_key=True)
     cells_per_infusion: float
     status: LevelStatus = Field(sa_type=enum_type(LevelStatus), default=LevelStatus.PENDING)
@@ -220,6 +225,15 @@ class AdverseEvent(SQLModel, table=True):
     adjudication: Adjudication = Field(sa_type=enum_type(Adjudication), default=Adjudication.NOT_CANDIDATE)
     adjudication_reason: str | None = Field(default=None, max_length=200)
     reported_at: dt.datetime = _at()
+    dlt_screen: str | None = Field(default=None, max_length=24)  # candidate / not_candidate / needs_information
+    dlt_rule: str | None = Field(default=None, max_length=200)  # the rule the screen applied, in words
+    resolved_to_grade_1_within_72h: bool | None = None
+    duration_days: int | None = None
+    caused_by_leukaemia: bool | None = None
+    caused_by_progression: bool | None = None
+    sae_reported_at: dt.datetime | None = _at(default=None)  # when the expedited SAE report was filed
+    adjudicated_by: str | None = Field(default=None, max_length=64)
+    adjudicated_at: dt.datetime | None = _at(default=None)
 
 
 # Escalation decision: the rule's recommendation and the PI's choice, replayable from `history`.
@@ -236,6 +250,10 @@ class EscalationDecision(SQLModel, table=True):
     rationale: str | None = Field(default=None, max_length=500)
     created_at: dt.datetime = _at()
     decided_at: dt.datetime | None = _at(default=None)
+    status: str = Field(default="waiting", max_length=16, sa_column_kwargs={"server_default": "waiting"})  # waiting / signed
+    early_stop: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    basis_at: dt.datetime | None = _at(default=None)  # the last counted DLT window closed (or the early stop), UTC
+    review_flow_run_id: str | None = Field(default=None, max_length=36)
 
 
 # Signature: 21 CFR 11.50 manifestation, bound to exactly one decision.
@@ -247,6 +265,30 @@ class Signature(SQLModel, table=True):
     meaning: str = Field(max_length=120)
     decision_digest: str = Field(max_length=64)
     signed_at: dt.datetime = _at()
+
+
+# Signing code: one-time, expiring, bound to one decision; only its hash is kept.
+class SigningCode(SQLModel, table=True):
+    __tablename__ = "signing_code"
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: int = Field(foreign_key="escalation_decision.id", index=True)
+    code_hash: str = Field(max_length=64)
+    issued_at: dt.datetime = _at()
+    expires_at: dt.datetime = _at()
+    used_at: dt.datetime | None = _at(default=None)
+
+
+# Signature attempt: every try to sign, accepted or refused, and why.
+class SignatureAttempt(SQLModel, table=True):
+    __tablename__ = "signature_attempt"
+    __table_args__ = (sa.UniqueConstraint("decision_id", "attempt_key", name="uq_signature_attempt_key"),)
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: int = Field(foreign_key="escalation_decision.id", index=True)
+    attempt_key: str = Field(max_length=64)
+    signer_id: str = Field(max_length=64)
+    accepted: bool
+    reason: str = Field(max_length=300)
+    at: dt.datetime = _at()
 
 
 # Notification outbox: written with the state change that caused it, delivered later per channel.

@@ -287,6 +287,7 @@ class Escalation(_Strict):
     target_enrollment: Sourced[int]
     max_enrollment: Sourced[int]
     sentinel_stagger_days: Sourced[int]
+    signing_code_valid_hours: Sourced[int]
 
     @model_validator(mode="after")
     def _sizes(self) -> Escalation:
@@ -296,6 +297,8 @@ class Escalation(_Strict):
             raise ValueError("max_per_level must be twice cohort_size under 3+3")
         if self.sentinel_stagger_days.value < 0:
             raise ValueError("sentinel_stagger_days must be 0 or more")
+        if self.signing_code_valid_hours.value < 1:
+            raise ValueError("signing_code_valid_hours must be at least 1")
         return self
 
 

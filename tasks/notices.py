@@ -45,6 +45,15 @@ class NoticeEvent(StrEnum):
     OVERDUE = "overdue"
     OFF_STUDY = "off study: future visits and reminders cancelled"
     DAILY_DIGEST = "daily digest"
+    CANDIDATE_DLT = "candidate DLT"
+    AE_NEEDS_INFORMATION = "AE needs information for the DLT screen"
+    SAE_REPORTED = "serious adverse event: reporting clock started"
+    SAE_DEADLINE = "SAE report not yet recorded"
+    ADJUDICATION_PENDING = "candidate DLT waiting for adjudication"
+    REVIEW_WAITING = "cohort review waiting for the PI signature"
+    ESCALATION_SIGNED = "escalation decision signed"
+    TRIAL_STOPPED = "trial stopped"
+    REPLACEMENT_SLOT = "not evaluable: a replacement slot is open"
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,9 @@ def actual_infusions(session: Session, protocol: ProtocolDefinition, subject: Su
 
 def refresh_calendar(session: Session, protocol: ProtocolDefinition, subject: Subject) -> Calendar:
     """Recompute the subject's calendar from the plan and the actual infusions, and store it."""
+    from tasks.safety import assert_level_approved
+
+    assert_level_approved(session, subject.dose_level, f"calendar of {subject.subject_id}")
     cal = compute_calendar(
         protocol, dose_level=subject.dose_level, day0=to_local(protocol.timezone, subject.planned_day0_at),
         actual_infusions=actual_infusions(session, protocol, subject),
@@ -188,8 +191,11 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
             enqueue(s, Notice(Role.COORDINATOR, NoticeEvent.WAITLISTED, sid, link=link), dedup=f"{sid}:waitlisted", at=u.at)
             u.commit()
             return EnrollmentOutcome(EnrollmentStatus.WAITLISTED, sid, result)
+        from tasks.safety import assert_level_approved
+
+        assert_level_approved(s, level.level, f"enrollment of {sid}")
         slot = taken + 1
-        cohort = (slot - 1) // protocol.escalation.cohort_size.value + 1
+        cohort = _cohort_with_room(s, level.level, protocol.escalation.cohort_size.value)
         s.add(Enrollment(subject_pk=subject.id, dose_level=level.level, cohort=cohort, slot=slot, enrolled_at=u.at))
         if slot >= level.slots_open:
             level.status = LevelStatus.FULL
@@ -210,6 +216,14 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
         s.add(row)
         u.commit()
         return EnrollmentOutcome(EnrollmentStatus.ENROLLED, sid, result, level.level, cohort, slot)
+
+
+def _cohort_with_room(session: Session, level: int, size: int) -> int:
+    """The first cohort at the level with fewer than `size` patients who count (a replaced patient does not)."""
+    counts: dict[int, int] = {}
+    for cohort, evaluable in session.exec(select(Enrollment.cohort, Enrollment.evaluable).where(Enrollment.dose_level == level)):
+        counts[cohort] = counts.get(cohort, 0) + (evaluable is not False)
+    return next((c for c in sorted(counts) if counts[c] < size), max(counts, default=0) + 1)
 
 
 # -- recording ------------------------------------------------------------------------------------
@@ -234,6 +248,9 @@ def record_infusion(
         _on_study(subject)
         if dose_level != subject.dose_level:
             raise UserError(f"dose_level {dose_level} does not match {subject_id}'s assigned dose level {subject.dose_level}")
+        from tasks.safety import assert_level_approved
+
+        assert_level_approved(s, dose_level, f"NK infusion for {subject_id}")
         _no_future("given_at", given_local, to_local(protocol.timezone, u.at))
         key = f"nk_infusion-{infusion_number}"
         existing = s.exec(select(Administration).where(Administration.subject_pk == subject.id, Administration.event_key == key)).first()
@@ -443,9 +460,17 @@ def take_off_study(
             s.add(row)
         cancel_pending(s, subject_id=subject_id)
         enrollment = s.exec(select(Enrollment).where(Enrollment.subject_pk == subject.id)).first()
-        if enrollment is not None and enrollment.dlt_window_closed_at is None:
-            enrollment.evaluable = False  # left before the DLT window closed (a DLT makes it evaluable: escalation gate)
+        if enrollment is not None and enrollment.dlt_window_closed_at is None and not enrollment.evaluable:
+            enrollment.evaluable = False  # left before the DLT window closed without a DLT: replaced
             s.add(enrollment)
+            level = s.get(DoseLevelState, enrollment.dose_level)
+            if level.status in (LevelStatus.OPEN, LevelStatus.FULL):
+                level.slots_open += 1
+                level.status = LevelStatus.OPEN
+                s.add(level)
+                enqueue(s, Notice(Role.COORDINATOR, NoticeEvent.REPLACEMENT_SLOT, subject_id, due_on=effective_on,
+                                  detail=f"DL{level.level}, cohort {enrollment.cohort}", link=link),
+                        dedup=f"{subject_id}:replacement", at=u.at)
         waiting = s.exec(select(WaitlistEntry).where(WaitlistEntry.subject_pk == subject.id)).first()
         if waiting is not None:
             s.delete(waiting)
@@ -465,6 +490,7 @@ class EventAction:
     acted: bool
     why: str
     notices: int = 0
+    review_ready: bool = False  # the DLT window that closed was the cohort's last
 
 
 _ACTIONS = {
@@ -506,12 +532,17 @@ def act_on_event(
         for role in roles:
             sent += enqueue(s, Notice(role, event, subject_id, due_on=_due_on(s, subject, row), detail=detail, link=link),
                             dedup=f"{subject_id}:{row.key}", at=u.at) is not None
+        ready = False
         if row.kind is EventKind.DLT_WINDOW_CLOSE:
             _close_dlt_window(s, protocol, subject, u.at)
+            s.flush()
+            from tasks.safety import trial_state
+
+            ready = trial_state(s, protocol).ready
         row.reminder_sent_at = u.at
         s.add(row)
         u.commit()
-        return EventAction(True, f"{event.value} sent for {row.label}", sent)
+        return EventAction(True, f"{event.value} sent for {row.label}", sent, ready)
 
 
 def _due_on(session: Session, subject: Subject, row: CalendarEventRow) -> dt.date:
@@ -521,10 +552,10 @@ def _due_on(session: Session, subject: Subject, row: CalendarEventRow) -> dt.dat
 
 
 def _close_dlt_window(session: Session, protocol: ProtocolDefinition, subject: Subject, at: dt.datetime) -> None:
-    """Evaluable: received every infusion and completed the window (a DLT also counts: escalation gate)."""
+    """Evaluable: received every infusion and completed the window, or had a DLT in it."""
     enrollment = session.exec(select(Enrollment).where(Enrollment.subject_pk == subject.id)).one()
     given = len(actual_infusions(session, protocol, subject))
-    enrollment.evaluable = given == len(protocol.nk_infusions.infusions)
+    enrollment.evaluable = given == len(protocol.nk_infusions.infusions) or bool(enrollment.evaluable)
     enrollment.dlt_window_closed_at = at
     session.add(enrollment)
     subject.status = SubjectStatus.FOLLOW_UP

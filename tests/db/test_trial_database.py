@@ -207,3 +207,26 @@ def test_a_screening_and_a_calendar_are_stored_and_re_anchored_in_place(engine, 
     assert reminded["il2_dose-01"] is None  # daily rounds cover IL-2
     assert reminded["nk_infusion-2"] == late.event("nk_infusion-2").at_utc - dt.timedelta(days=1)
     assert reminded["visit_1_month"] == dt.datetime(2027, 2, 26, 1, 0, tzinfo=dt.timezone.utc)  # window opens day 25, 09:00 local
+
+
+def test_the_database_refuses_a_level_no_signed_approval_opened(engine, protocol):
+    """The gate holds even for writes that bypass the application, on both engines."""
+    from models.tables import EscalationDecision, Signature
+
+    with uow(engine) as u:
+        register_protocol(u.session, protocol=protocol, at=u.at)
+        s1 = create_subject(u.session, subject_id="S-030", at=u.at)
+        u.commit()
+    insert = sa.insert(Enrollment.__table__).values(subject_pk=s1.id, dose_level=2, cohort=1, slot=1, enrolled_at=T0)
+    with pytest.raises(sa.exc.DatabaseError, match="dose level gate"):
+        with engine.begin() as conn:
+            conn.execute(insert)
+    with uow(engine, "PI signed escalation to DL2") as u:
+        d = EscalationDecision(from_level=1, history="1NNN", recommended_action="escalate", recommended_level=2,
+                               chosen_action="escalate", chosen_level=2, created_at=u.at, status="signed")
+        u.session.add(d)
+        u.session.flush()
+        u.session.add(Signature(decision_id=d.id, signer_id="pi-01", printed_name="PI", meaning="approval", decision_digest="x", signed_at=u.at))
+        u.commit()
+    with engine.begin() as conn:
+        conn.execute(insert)  # now it is open

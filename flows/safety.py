@@ -1,0 +1,186 @@
+"""Safety flows: AE reporting and DLT adjudication, the SAE reporting clock, and the cohort review
+the PI signs in the Prefect UI (a suspended run with a typed Resume form)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
+from prefect.flow_runs import suspend_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from pydantic import BaseModel, Field
+from sqlmodel import Session
+
+from flows.common import UserError, current_clock, deliver_notices, protocol, run_link, trial_engine
+from models.db import UnitOfWork
+from models.tables import EscalationDecision
+from nktrial.settings import get_settings
+from protocol.three_plus_three import Action
+from tasks import safety
+from tasks.delivery import load_channels, send_direct
+from tasks.safety import AeReport, AeUpdate
+
+
+class AdjudicationRequest(BaseModel):
+    """The investigator's adjudication of one candidate DLT."""
+
+    ae_id: int
+    confirm: bool = Field(description="true: it is a DLT; false: it is not")
+    reason: str = Field(min_length=1, max_length=200)
+    investigator_id: str = Field(min_length=1, max_length=64)
+
+
+class AeRef(BaseModel):
+    ae_id: int
+
+
+class PiDecision(RunInput):
+    """The PI's signed decision on a cohort."""
+
+    signer_id: str = Field(min_length=1, max_length=64, description="your staff ID")
+    printed_name: str = Field(min_length=1, max_length=120, description="your printed name, as it appears on the signature")
+    decision: Literal["escalate", "expand", "deescalate", "stop"] = Field(description="the recommendation or a more cautious action")
+    meaning: str = Field(default="Approval: I reviewed this cohort's DLT data and approve this dose-escalation decision", max_length=120)
+    rationale: str | None = Field(default=None, max_length=500)
+    signing_code: str = Field(min_length=1, max_length=32, description="the one-time code sent to your PI channel")
+
+
+def start_cohort_review(history: str) -> None:
+    """Start the review once per outcome history (idempotency key), as its own run the PI can find."""
+    from models.crud import trial_instance
+
+    with Session(trial_engine()) as s:
+        instance = trial_instance(s)
+    run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, idempotency_key=f"{instance}:cohort-review:{history}",
+                         flow_run_name=f"cohort review · {history}", tags=["cohort-review", f"trial:{instance}"])
+    get_run_logger().info("cohort review %s started for history %s", run.id, history)
+
+
+def _review_if_ready() -> None:
+    with Session(trial_engine()) as s:
+        state = safety.trial_state(s, protocol())
+    if state.ready:
+        start_cohort_review(state.history)
+
+
+@flow(name="report-adverse-event", flow_run_name="{report.subject_id} · adverse event")
+def report_adverse_event(report: AeReport):
+    """Record an AE and screen it against the DLT rules; a candidate DLT reaches the PI at once."""
+    try:
+        outcome = safety.report_adverse_event(trial_engine(), protocol(), report=report, actor="investigator", clock=current_clock(),
+                                              link=run_link())
+    except UserError as exc:
+        get_run_logger().error(str(exc))
+        return Failed(message=str(exc))
+    deliver_notices()
+    if outcome.serious:
+        p = protocol().notifications
+        remind_at = current_clock()() + dt.timedelta(hours=p.sae_report_deadline_hours - p.sae_reminder_before_deadline_hours)
+        run_deployment("sae-deadline/sae-deadline", parameters={"ae": {"ae_id": outcome.ae_id}}, scheduled_time=remind_at, timeout=0,
+                       as_subflow=False, idempotency_key=f"sae-deadline:{outcome.ae_id}", flow_run_name=f"{report.subject_id} · SAE deadline",
+                       tags=[f"subject:{report.subject_id}"])
+    return Completed(message=f"AE {outcome.ae_id} for {outcome.subject_id}: DLT screen {outcome.screen.value} ({outcome.rule})")
+
+
+@flow(name="update-adverse-event", flow_run_name="AE {update.ae_id} · update")
+def update_adverse_event(update: AeUpdate):
+    try:
+        outcome = safety.update_adverse_event(trial_engine(), protocol(), update=update, actor="investigator", clock=current_clock(),
+                                              link=run_link())
+    except UserError as exc:
+        return Failed(message=str(exc))
+    deliver_notices()
+    return Completed(message=f"AE {outcome.ae_id}: DLT screen {outcome.screen.value} ({outcome.rule})")
+
+
+@flow(name="adjudicate-dlt", flow_run_name="AE {request.ae_id} · DLT adjudication")
+def adjudicate_dlt(request: AdjudicationRequest):
+    try:
+        early_stop = safety.adjudicate_dlt(trial_engine(), protocol(), ae_id=request.ae_id, confirm=request.confirm, reason=request.reason,
+                                           investigator_id=request.investigator_id, clock=current_clock(), link=run_link())
+    except UserError as exc:
+        return Failed(message=str(exc))
+    _review_if_ready()  # a second DLT at a level ends the cohort at once
+    verdict = "confirmed" if request.confirm else "rejected"
+    return Completed(message=f"AE {request.ae_id}: DLT {verdict}" + ("; 2 DLTs at the level: cohort review started" if early_stop else ""))
+
+
+@flow(name="sae-deadline", flow_run_name="AE {ae.ae_id} · SAE deadline")
+def sae_deadline(ae: AeRef) -> str:
+    why = safety.sae_deadline_check(trial_engine(), protocol(), ae_id=ae.ae_id, clock=current_clock(), link=run_link())
+    deliver_notices()
+    return why
+
+
+@task(name="open-review")
+def open_review_task() -> EscalationDecision | None:
+    return safety.open_review(trial_engine(), protocol(), clock=current_clock())
+
+
+def _send_code_if_needed(d: EscalationDecision) -> None:
+    engine = trial_engine()
+    if safety.has_live_code(engine, decision_id=d.id, now=current_clock()()):
+        return
+    code = safety.issue_signing_code(engine, protocol(), decision_id=d.id, clock=current_clock())
+    channels = load_channels(get_settings().apprise_config)
+    sent = send_direct(channels, "pi", title=f"[NCT06641648] cohort review DL{d.from_level}: signing code",
+                       body=f"trial · signing code {code} · cohort review DL{d.from_level}, decision {d.id} · {run_link()}")
+    logger = get_run_logger()
+    if sent:
+        logger.info("a one-time signing code went to %d PI channel(s)", sent)
+    else:
+        logger.warning("no PI channel took the signing code; issue one at the site terminal with: nktrial escalation code --decision %d", d.id)
+
+
+@flow(name="cohort-review", flow_run_name="cohort review")
+def cohort_review() -> str:
+    """Compute the 3+3 recommendation from adjudicated outcomes and wait, suspended, for the PI's signed decision."""
+    logger = get_run_logger()
+    d = open_review_task()
+    if d is None:
+        return "no cohort is ready for review"
+    if d.status == "signed":
+        return f"decision {d.id} is already signed"
+    p, engine = protocol(), trial_engine()
+    with Session(engine) as s:
+        state = safety.trial_state(s, p)
+    with UnitOfWork(engine, actor="system:cohort-review", reason="review run recorded", clock=current_clock()) as u:
+        row = u.session.get(EscalationDecision, d.id)
+        if row.review_flow_run_id != str(flow_run.id):
+            row.review_flow_run_id = str(flow_run.id)
+            u.session.add(row)
+            u.commit()
+    create_table_artifact(key=f"cohort-status-dl{d.from_level}", table=safety.cohort_status_table(state),
+                          description=f"Cohort status at DL{d.from_level}: `{d.history}`")
+    md = safety.review_markdown(p, state, d)
+    table = safety.next_cohort_table(p, state)
+    create_markdown_artifact(key=f"cohort-review-dl{d.from_level}", markdown=md + ("\n\n" + table if table else ""),
+                             description=f"Cohort review DL{d.from_level}")
+    with UnitOfWork(engine, actor="system:cohort-review", reason="review waiting", clock=current_clock()) as u:
+        from tasks.notices import Notice, NoticeEvent, Role, enqueue
+
+        for role in (Role.PI, Role.COORDINATOR):
+            enqueue(u.session, Notice(role, NoticeEvent.REVIEW_WAITING, detail=f"DL{d.from_level}, recommended {d.recommended_action}",
+                                      link=run_link()), dedup=f"decision-{d.id}:review-open", at=u.at)
+        u.commit()
+    deliver_notices()
+    attempt, refused = 0, None
+    while True:
+        _send_code_if_needed(d)
+        form = suspend_flow_run(wait_for_input=PiDecision.with_initial_data(description=safety.review_markdown(p, state, d, refused)),
+                                key=f"decision-{d.id}-{attempt}", timeout=None)
+        outcome = safety.sign_decision(engine, p, decision_id=d.id, signer_id=form.signer_id, printed_name=form.printed_name,
+                                       action=Action(form.decision), rationale=form.rationale, code=form.signing_code, meaning=form.meaning,
+                                       attempt_key=f"ui-{attempt}", clock=current_clock(), link=run_link())
+        if outcome.accepted:
+            break
+        logger.warning("signature refused: %s", outcome.reason)
+        refused, attempt = outcome.reason, attempt + 1
+    deliver_notices()
+    logger.info("decision %d %s", d.id, outcome.reason)
+    return outcome.reason
