@@ -417,6 +417,127 @@ def cmd_notify_list(args) -> None:
                  ["id", "created (UTC)", "role", "status", "message"]))
 
 
+# -- safety and escalation ----------------------------------------------------------------------
+
+def _yes_no(flag: str, text: str | None) -> bool | None:
+    if text is None:
+        return None
+    if text.lower() in ("yes", "y", "true"):
+        return True
+    if text.lower() in ("no", "n", "false"):
+        return False
+    raise UserError(f"{flag} '{text}' must be yes or no")
+
+
+def _model(cls, data: dict, what: str):
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as exc:
+        raise UserError(first_validation_error(exc, what)) from None
+
+
+def cmd_ae_report(args) -> None:
+    from tasks.safety import AeReport, report_adverse_event
+
+    report = _model(AeReport, {
+        "subject_id": args.subject, "term": args.term, "category": args.category, "grade": args.grade, "onset_on": args.onset_on,
+        "attribution": args.attribution, "serious": args.serious, "resolved_on": args.resolved_on,
+        "resolved_to_grade_1_within_72h": _yes_no("--resolved-within-72h", args.resolved_within_72h), "duration_days": args.duration_days,
+        "caused_by_leukaemia": _yes_no("--caused-by-leukaemia", args.caused_by_leukaemia),
+        "caused_by_progression": _yes_no("--caused-by-progression", args.caused_by_progression)}, "adverse event")
+    engine, p, clock = _writer(args)
+    out = report_adverse_event(engine, p, report=report, actor=args.actor, clock=clock)
+    print(f"AE {out.ae_id} recorded for {out.subject_id}; DLT screen: {out.screen.value} ({out.rule})")
+    if out.serious:
+        print(f"serious: report it within {p.notifications.sae_report_deadline_hours} h, then: nktrial ae sae-reported --ae {out.ae_id}")
+    _deliver_now(args)
+
+
+def cmd_ae_update(args) -> None:
+    from tasks.safety import AeUpdate, update_adverse_event
+
+    update = _model(AeUpdate, {
+        "ae_id": args.ae, "grade": args.grade, "resolved_on": args.resolved_on, "duration_days": args.duration_days,
+        "resolved_to_grade_1_within_72h": _yes_no("--resolved-within-72h", args.resolved_within_72h),
+        "caused_by_leukaemia": _yes_no("--caused-by-leukaemia", args.caused_by_leukaemia),
+        "caused_by_progression": _yes_no("--caused-by-progression", args.caused_by_progression), "reason": args.reason}, "AE update")
+    engine, p, clock = _writer(args)
+    out = update_adverse_event(engine, p, update=update, actor=args.actor, clock=clock)
+    print(f"AE {out.ae_id} updated; DLT screen: {out.screen.value} ({out.rule})")
+    _deliver_now(args)
+
+
+def cmd_ae_adjudicate(args) -> None:
+    from tasks.safety import adjudicate_dlt
+
+    engine, p, clock = _writer(args)
+    early = adjudicate_dlt(engine, p, ae_id=args.ae, confirm=args.confirm, reason=args.reason, investigator_id=args.investigator, clock=clock)
+    print(f"AE {args.ae}: DLT {'confirmed' if args.confirm else 'rejected'}")
+    if early:
+        print("two DLTs at this level: the cohort ends now; run the cohort review (nktrial escalation status shows it)")
+
+
+def cmd_ae_sae_reported(args) -> None:
+    from tasks.safety import record_sae_report
+
+    engine, _, clock = _writer(args)
+    record_sae_report(engine, ae_id=args.ae, actor=args.actor, clock=clock)
+    print(f"AE {args.ae}: expedited SAE report recorded")
+
+
+def cmd_escalation_status(args) -> None:
+    from sqlmodel import Session
+
+    from tasks.safety import cohort_status_table, trial_state, waiting_reviews
+
+    engine, p, _ = _writer(args)
+    with Session(engine) as s:
+        state = trial_state(s, p)
+        waiting = waiting_reviews(s)
+    print(f"history: {state.history or '(none yet)'}")
+    rows = cohort_status_table(state)
+    if rows:
+        print(_table([[str(r[k]) for k in r] for r in rows], list(rows[0])))
+    if state.ready and state.recommendation:
+        print(f"\nready for review: 3+3 recommends {state.recommendation.action.value}"
+              + (f" at DL{state.recommendation.dose_level}" if state.recommendation.dose_level else "")
+              + (" (early stop)" if state.early_stop else ""))
+    elif state.pending:
+        print(f"\nwaiting for DLT windows: {', '.join(state.pending)}")
+    for d in waiting:
+        print(f"decision {d.id} waits for the PI's signature: {d.recommended_action} (history {d.history})")
+
+
+def cmd_escalation_code(args) -> None:
+    from tasks.safety import issue_signing_code, open_review
+
+    engine, p, clock = _writer(args)
+    d = open_review(engine, p, clock=clock)
+    if d is None or d.id != args.decision:
+        raise UserError(f"decision {args.decision} is not the review waiting now; see nktrial escalation status")
+    code = issue_signing_code(engine, p, decision_id=args.decision, clock=clock)
+    print(f"one-time signing code for decision {args.decision}: {code} (valid {p.escalation.signing_code_valid_hours.value} h; "
+          "earlier codes stop working)")
+
+
+def cmd_escalation_approve(args) -> None:
+    import uuid
+
+    from protocol.three_plus_three import Action
+    from tasks.safety import sign_decision
+
+    engine, p, clock = _writer(args)
+    out = sign_decision(engine, p, decision_id=args.decision, signer_id=args.signer, printed_name=args.name, action=Action(args.action),
+                        rationale=args.rationale, code=args.code, meaning=args.meaning, attempt_key=f"cli-{uuid.uuid4().hex[:12]}",
+                        clock=clock)
+    if not out.accepted:
+        raise UserError(f"signature refused: {out.reason}")
+    print(f"decision {args.decision} {out.reason}")
+    _deliver_now(args)
+
+
 # -- the main job ---------------------------------------------------------------------------------
 
 def cmd_up(args) -> None:
@@ -470,6 +591,55 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--limit", type=int, default=10_000)
     paths.add_argument("--json", action="store_true")
     paths.set_defaults(func=cmd_escalation_paths)
+
+    st = esc.add_parser("status", help="the trial's outcome history, each patient's DLT status, reviews waiting")
+    st.set_defaults(func=cmd_escalation_status)
+    code = esc.add_parser("code", help="issue a one-time signing code for the review waiting now (at the site terminal)")
+    code.add_argument("--decision", type=int, required=True)
+    code.set_defaults(func=cmd_escalation_code)
+    ap = esc.add_parser("approve", help="sign the waiting decision with a one-time code")
+    ap.add_argument("--decision", type=int, required=True)
+    ap.add_argument("--signer", required=True, help="signer ID")
+    ap.add_argument("--name", required=True, help="printed name")
+    ap.add_argument("--action", required=True, choices=["escalate", "expand", "deescalate", "stop"])
+    ap.add_argument("--code", required=True)
+    ap.add_argument("--meaning", default="Approval: I reviewed this cohort's DLT data and approve this dose-escalation decision")
+    ap.add_argument("--rationale")
+    ap.set_defaults(func=cmd_escalation_approve)
+
+    ae = sub.add_parser("ae", help="adverse events and DLT adjudication").add_subparsers(dest="action", required=True, metavar="ACTION")
+    rep = ae.add_parser("report", help="report an adverse event (screened against the DLT rules)")
+    rep.add_argument("--subject", required=True)
+    rep.add_argument("--term", required=True, help="CTCAE term")
+    rep.add_argument("--category", required=True, choices=["non_haematological", "neutropenia", "thrombocytopenia", "other_haematological",
+                                                           "acute_gvhd", "crs", "icans", "infusion_reaction", "fever"])
+    rep.add_argument("--grade", type=int, required=True)
+    rep.add_argument("--onset-on", required=True)
+    rep.add_argument("--attribution", required=True, choices=["unrelated", "unlikely", "possible", "probable", "definite"])
+    rep.add_argument("--serious", action="store_true")
+    upd = ae.add_parser("update", help="change an AE's grade, resolution or a DLT fact (history is kept)")
+    upd.add_argument("--ae", type=int, required=True)
+    upd.add_argument("--grade", type=int)
+    upd.add_argument("--reason", required=True)
+    for parser_ in (rep, upd):
+        parser_.add_argument("--resolved-on")
+        parser_.add_argument("--resolved-within-72h", metavar="yes|no", help="infusion reaction back to grade ≤ 1 within 72 h")
+        parser_.add_argument("--duration-days", type=int, help="cytopenia: days it lasted")
+        parser_.add_argument("--caused-by-leukaemia", metavar="yes|no")
+        parser_.add_argument("--caused-by-progression", metavar="yes|no")
+    rep.set_defaults(func=cmd_ae_report)
+    upd.set_defaults(func=cmd_ae_update)
+    adj = ae.add_parser("adjudicate", help="confirm or reject a candidate DLT")
+    adj.add_argument("--ae", type=int, required=True)
+    which = adj.add_mutually_exclusive_group(required=True)
+    which.add_argument("--confirm", dest="confirm", action="store_true")
+    which.add_argument("--reject", dest="confirm", action="store_false")
+    adj.add_argument("--reason", required=True)
+    adj.add_argument("--investigator", required=True, help="investigator ID")
+    adj.set_defaults(func=cmd_ae_adjudicate)
+    sae = ae.add_parser("sae-reported", help="record that the expedited SAE report was filed")
+    sae.add_argument("--ae", type=int, required=True)
+    sae.set_defaults(func=cmd_ae_sae_reported)
 
     db = sub.add_parser("db", help="the trial database").add_subparsers(dest="action", required=True, metavar="ACTION")
     db.add_parser("upgrade", help="create or migrate the schema (idempotent) and register the protocol").set_defaults(func=cmd_db_upgrade)

@@ -375,6 +375,8 @@ def sign_decision(
     """Sign a cohort decision with a one-time code. Refusals (wrong, reused, expired code; a bolder
     choice than the rule) are logged and change nothing else. A replayed attempt returns its first answer."""
     with Session(engine) as s:
+        if s.get(EscalationDecision, decision_id) is None:
+            return SignOutcome(False, f"decision {decision_id} does not exist", decision_id)
         seen = s.exec(select(SignatureAttempt).where(SignatureAttempt.decision_id == decision_id,
                                                      SignatureAttempt.attempt_key == attempt_key)).first()
         if seen is not None:

@@ -169,3 +169,25 @@ def test_escalation_oc_is_exact_and_paths_are_listed():
     assert len(paths) == oc["paths"] and {"history": "1TT", "mtd": None, "patients": 2} in paths
     bad = nktrial("escalation", "oc", "--p", "0.1,0.2")
     assert bad.returncode == 2 and "one DLT probability per dose level (3), got 2" in bad.stderr
+
+
+def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_path):
+    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
+    nktrial("db", "upgrade", env=env)
+    nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env)
+    future = nktrial("ae", "report", "--subject", "S-001", "--term", "rash", "--category", "non_haematological", "--grade", "3",
+                     "--onset-on", "2099-02-03", "--attribution", "possible", env=env)
+    _assert_one_sentence(future, "onset_on 2099-02-03 is in the future")
+    bad = nktrial("ae", "report", "--subject", "S-001", "--term", "rash", "--category", "non_haematological", "--grade", "7",
+                  "--onset-on", "2026-01-03", "--attribution", "possible", env=env)
+    _assert_one_sentence(bad, "field 'grade': Input should be less than or equal to 5")
+    ok = nktrial("ae", "report", "--subject", "S-001", "--term", "rash", "--category", "non_haematological", "--grade", "3",
+                 "--onset-on", "2026-01-03", "--attribution", "possible", env=env)
+    assert ok.returncode == 0 and "DLT screen: not_candidate (onset 2026-01-03 is outside the DLT window" in ok.stdout
+    nothing = nktrial("ae", "adjudicate", "--ae", "1", "--confirm", "--reason", "x", "--investigator", "inv-2", env=env)
+    _assert_one_sentence(nothing, "AE 1 is not a candidate DLT")
+    status = nktrial("escalation", "status", env=env)
+    assert "history: (none yet)" in status.stdout and "S-001" in status.stdout and "DLT window open" in status.stdout
+    refused = nktrial("escalation", "approve", "--decision", "1", "--signer", "pi-01", "--name", "PI", "--action", "escalate",
+                      "--code", "12345678", env=env)
+    _assert_one_sentence(refused, "signature refused: decision 1 does not exist")
