@@ -46,7 +46,7 @@ class PiDecision(RunInput):
     printed_name: str = Field(min_length=1, max_length=120, description="your printed name, as it appears on the signature")
     decision: Literal["escalate", "expand", "deescalate", "stop"] = Field(description="the recommendation or a more cautious action")
     meaning: str = Field(default="Approval: I reviewed this cohort's DLT data and approve this dose-escalation decision", max_length=120)
-    rationale: str | None = Field(default=None, max_length=500)
+    rationale: str = Field(default="", max_length=500, description="why, in a sentence (required when more cautious than the rule)")
     signing_code: str = Field(min_length=1, max_length=32, description="the one-time code sent to your PI channel")
 
 

@@ -407,6 +407,8 @@ def _sign(engine, protocol, *, decision_id, signer_id, printed_name, action, rat
         if BOLDNESS[action] > BOLDNESS[recommended]:
             raise UserError(f"decision '{action.value}' is bolder than the 3+3 recommendation '{recommended.value}'; "
                             "choose it or a more cautious action")
+        if action is not recommended and not (rationale or "").strip():
+            raise UserError(f"rationale is required when choosing '{action.value}' over the recommendation '{recommended.value}'")
         state = trial_state(s, protocol)
         if state.history != d.history:
             raise UserError(f"decision {decision_id} was prepared for history '{d.history}', but the outcomes are now "

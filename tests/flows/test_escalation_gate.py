@@ -293,3 +293,21 @@ def test_a_serious_ae_starts_the_reporting_clock(trial_db, clock, channels):
     assert channels("safety")[-1].body.startswith("S-161 · SAE report not yet recorded · AE 1")
     with Session(trial_db) as s:
         assert s.exec(select(AdverseEvent)).one().adjudication.value == "not_candidate"
+
+
+def test_daily_rounds_remind_the_pi_of_a_waiting_review_and_a_pending_adjudication(trial_db, clock, channels):
+    from flows.rounds import daily_rounds
+
+    _cohort(trial_db, clock, ["S-171", "S-172", "S-173"])
+    clock.set(dt.datetime(2027, 2, 6, 2, 0, tzinfo=UTC))
+    report_adverse_event(_ae("S-171", category="icans", grade=3))  # candidate, not yet adjudicated
+    for sid in ("S-171", "S-172", "S-173"):
+        _close_window(trial_db, clock, sid)
+    clock.set(dt.datetime(2027, 3, 2, 0, 0, tzinfo=UTC))  # 08:00 in Shanghai
+    assert "PI: 0 review(s) to sign, 1 DLT(s) to adjudicate" in daily_rounds()
+    assert any(m.body.startswith("S-171 · candidate DLT waiting for adjudication · AE 1") for m in channels("pi"))
+    adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=False, reason="not related", investigator_id="inv-2"))
+    safety.open_review(trial_db, protocol(), clock=clock)
+    clock.advance(days=3)  # an unsigned review stays valid for days; it is only reminded
+    assert "PI: 1 review(s) to sign, 0 DLT(s) to adjudicate" in daily_rounds()
+    assert any("cohort review waiting for the PI signature · DL1, recommended escalate" in m.body for m in channels("pi"))

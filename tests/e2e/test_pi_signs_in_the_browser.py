@@ -1,0 +1,150 @@
+"""End to end, in a real browser: the PI finds the suspended cohort review in the Prefect UI, fills
+in the Resume form with the one-time code, submits, and the next dose level opens.
+
+The test harness's server has no UI, so this test starts a real `prefect server start` with the
+UI and PREFECT_UI_API_URL pointing at it, and drives Debian's chromium with Playwright.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prefect import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import Pause
+from prefect.flow_engine import run_flow
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Scheduled
+from sqlmodel import Session, select
+
+from flows.safety import cohort_review
+from models.migrate import upgrade
+from models.tables import DoseLevelState, LevelStatus, Signature
+from nktrial.clock import VirtualClock, use_clock
+from nktrial.runtime import protocol, trial_engine
+from protocol.eligibility import ScreeningRecord
+from tasks import records
+
+ROOT = Path(__file__).parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "test-artifacts"
+UTC = dt.timezone.utc
+pytestmark = pytest.mark.browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory):
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
+        pytest.skip("Debian's chromium is not installed")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    home = tmp_path_factory.mktemp("prefect-ui")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the Prefect UI server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield f"http://127.0.0.1:{port}", api
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _cohort_of_three_with_closed_windows(engine) -> None:
+    example = json.loads((ROOT / "examples" / "screening-S-001.json").read_text())
+    enrol_clock = VirtualClock(dt.datetime(2027, 1, 20, 1, tzinfo=UTC))
+    for sid in ("S-301", "S-302", "S-303"):
+        records.enroll(engine, protocol(), record=ScreeningRecord.model_validate({**example, "subject_id": sid}),
+                       planned_day0=dt.datetime(2027, 1, 31, 9), actor="coord-1", clock=enrol_clock)
+        for n, day in ((1, 0), (2, 14)):
+            records.record_infusion(engine, protocol(), subject_id=sid, infusion_number=n, dose_level=1, cells_infused=1e8,
+                                    given_at=dt.datetime(2027, 1, 31, 9) + dt.timedelta(days=day), product_lot=f"L-{sid}-{n}",
+                                    actor="nurse-7", clock=lambda: dt.datetime(2027, 3, 31, tzinfo=UTC))
+        records.act_on_event(engine, protocol(), subject_id=sid, event_key="dlt_window_close",
+                             clock=lambda: dt.datetime(2027, 3, 1, tzinfo=UTC))
+
+
+def _execute(run_id):
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Scheduled(), force=True)
+        try:
+            run_flow(cohort_review, flow_run=client.read_flow_run(run_id))
+        except Pause:
+            pass
+        return client.read_flow_run(run_id).state
+
+
+def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(ui_server, tmp_path, monkeypatch, channels):
+    from playwright.sync_api import sync_playwright
+
+    ui, api = ui_server
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'trial.db'}")
+    engine = trial_engine()
+    upgrade(engine)
+    _cohort_of_three_with_closed_windows(engine)
+    with temporary_settings({PREFECT_API_URL: api}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
+        cohort_review.to_deployment(name="cohort-review").apply()
+        run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, flow_run_name="cohort review · 1NNN")
+        assert _execute(run.id).is_paused()
+        (code_msg,) = [m.body for m in channels("pi") if "signing code" in m.body]
+        code = re.search(r"signing code (\d{8})", code_msg).group(1)
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(f"{ui}/runs/flow-run/{run.id}")
+            page.get_by_role("button", name="Resume").first.click()
+            modal = page.locator(".p-modal")
+            modal.get_by_text("Cohort review — dose level 1").wait_for()
+            assert "3+3 recommends escalate at DL2" in modal.inner_text()
+            fields = modal.locator("textarea")  # signer ID, printed name, meaning, rationale, signing code
+            fields.nth(0).fill("pi-01")
+            fields.nth(1).fill("Principal Investigator")
+            decision = modal.locator(".p-select-button__control").first
+            decision.click()
+            decision.press("ArrowDown")
+            page.get_by_role("option", name="escalate", exact=True).click()
+            fields.nth(3).fill("0 of 3 at DL1")
+            fields.last.fill(code)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "cohort-review-resume-form.png"))
+            modal.get_by_role("button", name="Submit").click()
+            modal.wait_for(state="hidden")
+            browser.close()
+
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.is_scheduled()  # resumed by the form
+        assert _execute(run.id).is_completed()
+    with Session(engine) as s:
+        sig = s.exec(select(Signature)).one()
+        assert (sig.signer_id, sig.printed_name) == ("pi-01", "Principal Investigator")
+        assert s.get(DoseLevelState, 2).status is LevelStatus.OPEN and s.get(DoseLevelState, 1).status is LevelStatus.CLOSED
+    assert (ARTIFACTS / "cohort-review-resume-form.png").stat().st_size > 10_000
