@@ -23,7 +23,7 @@ from prefect import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 from prefect.states import Scheduled
 from sqlmodel import Session, select
 
@@ -73,6 +73,12 @@ def ui_server(tmp_path_factory):
                 pytest.fail(f"the Prefect UI server did not start: {(home / 'server.log').read_text()[-2000:]}")
             time.sleep(1)
     yield f"http://127.0.0.1:{port}", api
+    with temporary_settings({PREFECT_API_URL: api}):  # flush what this process still owes this server, while it is up
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.instance().drain()
+        EventsWorker.drain_all()
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -109,7 +115,7 @@ def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(
     engine = trial_engine()
     upgrade(engine)
     _cohort_of_three_with_closed_windows(engine)
-    with temporary_settings({PREFECT_API_URL: api}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
+    with temporary_settings({PREFECT_API_URL: api, PREFECT_LOGGING_TO_API_ENABLED: False}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
         cohort_review.to_deployment(name="cohort-review").apply()
         run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, flow_run_name="cohort review · 1NNN")
         assert _execute(run.id).is_paused()

@@ -252,6 +252,13 @@ def test_every_gate_violation_is_refused_on_every_path(trial_db, clock, channels
                           "--dose-level", "2", "--given-at", "2026-01-31T09:00", "--cells", "5e8", "--lot", "X"],
                          capture_output=True, text=True, env={**os.environ, **env})
     assert out.returncode == 2 and "dose level 2 is not open" in out.stderr and "Traceback" not in out.stderr
+    # enrollment, even if someone flips DL2 open behind the system's back
+    with trial_db.begin() as conn:
+        conn.execute(sa.update(DoseLevelState.__table__).where(DoseLevelState.__table__.c.level == 2).values(status="open", slots_open=3))
+    with pytest.raises(UserError, match="enrollment of S-145: dose level 2 is not open"):
+        _enroll(trial_db, clock, "S-145")
+    with trial_db.begin() as conn:
+        conn.execute(sa.update(DoseLevelState.__table__).where(DoseLevelState.__table__.c.level == 2).values(status="pending", slots_open=0))
     # and the database itself, whatever writes to it
     for sql in (
         "INSERT INTO enrollment (subject_pk, dose_level, cohort, slot, enrolled_at) VALUES (4, 2, 1, 1, '2027-01-20 01:00:00')",
