@@ -81,17 +81,35 @@ class Notice:
         return " · ".join(parts)
 
 
+def _key(notice: Notice, dedup: str) -> str:
+    return f"{notice.role.value}:{dedup}"[:160]
+
+
+def _row(notice: Notice, key: str, at: dt.datetime) -> NotificationOutbox:
+    return NotificationOutbox(dedup_key=key, role=notice.role.value, subject_id=notice.subject_id, event=notice.event.name.lower(),
+                              title=notice.title, body=notice.body, link=notice.link, created_at=at)
+
+
 def enqueue(session: Session, notice: Notice, *, dedup: str, at: dt.datetime) -> NotificationOutbox | None:
     """Add a notice to the outbox in the caller's transaction. The same `dedup` key is written once."""
-    key = f"{notice.role.value}:{dedup}"[:160]
+    key = _key(notice, dedup)
     if session.exec(select(NotificationOutbox.id).where(NotificationOutbox.dedup_key == key)).first() is not None:
         return None
-    row = NotificationOutbox(
-        dedup_key=key, role=notice.role.value, subject_id=notice.subject_id, event=notice.event.name.lower(),
-        title=notice.title, body=notice.body, link=notice.link, created_at=at,
-    )
+    row = _row(notice, key, at)
     session.add(row)
     return row
+
+
+def enqueue_many(session: Session, notices: list[tuple[Notice, str]], *, at: dt.datetime) -> int:
+    """enqueue() for many notices, with one look-up per 500 keys of those already written."""
+    wanted = {_key(n, d): n for n, d in notices}
+    keys = list(wanted)
+    seen: set[str] = set()
+    for i in range(0, len(keys), 500):
+        seen.update(session.exec(select(NotificationOutbox.dedup_key).where(NotificationOutbox.dedup_key.in_(keys[i:i + 500]))).all())
+    fresh = [k for k in keys if k not in seen]
+    session.add_all([_row(wanted[k], k, at) for k in fresh])
+    return len(fresh)
 
 
 def cancel_pending(session: Session, *, subject_id: str) -> int:

@@ -27,7 +27,7 @@ from protocol.dates import local_instant, to_local
 from protocol.definition import ProtocolDefinition
 from protocol.eligibility import ScreeningRecord, ScreeningResult, Verdict, screen
 from protocol.errors import UserError
-from tasks.notices import Notice, NoticeEvent, Role, cancel_pending, enqueue
+from tasks.notices import Notice, NoticeEvent, Role, cancel_pending, enqueue, enqueue_many
 
 Clock = Callable[[], dt.datetime]
 ACTIVE = (SubjectStatus.ENROLLED, SubjectStatus.ON_TREATMENT, SubjectStatus.FOLLOW_UP)
@@ -615,29 +615,10 @@ def daily_rounds(engine: sa.Engine, protocol: ProtocolDefinition, *, clock: Cloc
         if report.overdue:
             digest += ": " + ", ".join(f"{sid} {key}" for sid, key in report.overdue[:20]) + (" …" if len(report.overdue) > 20 else "")
         notices.append((Notice(Role.COORDINATOR, NoticeEvent.DAILY_DIGEST, due_on=today, detail=digest, link=link), f"digest:{today}"))
-        report.notices = _enqueue_many(s, notices, at=u.at)
+        report.notices = enqueue_many(s, notices, at=u.at)
         u.commit()
     return report
 
 
 def _il2(key: str) -> str:
     return f"IL-2 dose {int(key.rsplit('-', 1)[1])}"
-
-
-def _enqueue_many(session: Session, notices: list[tuple[Notice, str]], *, at: dt.datetime) -> int:
-    """enqueue() for many notices with one look-up of the keys already written."""
-    from models.tables import NotificationOutbox
-
-    keys = {f"{n.role.value}:{d}"[:160]: (n, d) for n, d in notices}
-    seen: set[str] = set()
-    items = list(keys)
-    for i in range(0, len(items), 500):
-        seen.update(session.exec(select(NotificationOutbox.dedup_key).where(NotificationOutbox.dedup_key.in_(items[i:i + 500]))).all())
-    written = 0
-    for key, (notice, dedup) in keys.items():
-        if key not in seen:
-            session.add(NotificationOutbox(dedup_key=key, role=notice.role.value, subject_id=notice.subject_id,
-                                           event=notice.event.name.lower(), title=notice.title, body=notice.body,
-                                           link=notice.link, created_at=at))
-            written += 1
-    return written
