@@ -23,6 +23,7 @@ from nktrial.settings import get_settings
 from protocol.three_plus_three import Action
 from tasks import safety
 from tasks.delivery import load_channels, send_direct
+from tasks.notices import Notice, NoticeEvent, Role, enqueue
 from tasks.safety import AeReport, AeUpdate
 
 
@@ -61,7 +62,8 @@ def start_cohort_review(history: str) -> None:
     get_run_logger().info("cohort review %s started for history %s", run.id, history)
 
 
-def _review_if_ready() -> None:
+def review_if_ready() -> None:
+    """Start the cohort review if the newest cohort is ready (its windows closed, or a second DLT)."""
     with Session(trial_engine()) as s:
         state = safety.trial_state(s, protocol())
     if state.ready:
@@ -105,7 +107,7 @@ def adjudicate_dlt(request: AdjudicationRequest):
                                            investigator_id=request.investigator_id, clock=current_clock(), link=run_link())
     except UserError as exc:
         return Failed(message=str(exc))
-    _review_if_ready()  # a second DLT at a level ends the cohort at once
+    review_if_ready()  # a second DLT at a level ends the cohort at once
     verdict = "confirmed" if request.confirm else "rejected"
     return Completed(message=f"AE {request.ae_id}: DLT {verdict}" + ("; 2 DLTs at the level: cohort review started" if early_stop else ""))
 
@@ -162,8 +164,6 @@ def cohort_review() -> str:
     create_markdown_artifact(key=f"cohort-review-dl{d.from_level}", markdown=md + ("\n\n" + table if table else ""),
                              description=f"Cohort review DL{d.from_level}")
     with UnitOfWork(engine, actor="system:cohort-review", reason="review waiting", clock=current_clock()) as u:
-        from tasks.notices import Notice, NoticeEvent, Role, enqueue
-
         for role in (Role.PI, Role.COORDINATOR):
             enqueue(u.session, Notice(role, NoticeEvent.REVIEW_WAITING, detail=f"DL{d.from_level}, recommended {d.recommended_action}",
                                       link=run_link()), dedup=f"decision-{d.id}:review-open", at=u.at)

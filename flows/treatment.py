@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
+from flows.safety import review_if_ready
 from models.crud import get_subject
 from models.db import UnitOfWork
 from models.tables import CalendarEventRow
@@ -102,7 +103,5 @@ def treatment_event(event: TreatmentEventRef) -> str:
     if action.notices:
         deliver_notices()
     if action.review_ready:  # the cohort's last DLT window closed: hand over to the escalation gate
-        from flows.safety import _review_if_ready
-
-        _review_if_ready()
+        review_if_ready()
     return action.why

@@ -20,7 +20,7 @@ from models.crud import get_subject, register_protocol, store_calendar, store_sc
 from models.db import UnitOfWork
 from models.tables import (
     Administration, AdministrationKind, CalendarEventRow, DoseLevelState, Enrollment, EventStatus, LabKind, LabResult,
-    LevelStatus, OffStudyReason, Subject, SubjectStatus, WaitlistEntry,
+    LevelStatus, OffStudyReason, ScreeningRecordRow, Subject, SubjectStatus, WaitlistEntry,
 )
 from protocol.calendar import Calendar, EventKind, compute_calendar
 from protocol.dates import local_instant, to_local
@@ -28,6 +28,7 @@ from protocol.definition import ProtocolDefinition
 from protocol.eligibility import ScreeningRecord, ScreeningResult, Verdict, screen
 from protocol.errors import UserError
 from tasks.notices import Notice, NoticeEvent, Role, cancel_pending, enqueue, enqueue_many
+from tasks.safety import assert_level_approved, trial_state
 
 Clock = Callable[[], dt.datetime]
 ACTIVE = (SubjectStatus.ENROLLED, SubjectStatus.ON_TREATMENT, SubjectStatus.FOLLOW_UP)
@@ -95,8 +96,6 @@ def actual_infusions(session: Session, protocol: ProtocolDefinition, subject: Su
 
 def refresh_calendar(session: Session, protocol: ProtocolDefinition, subject: Subject) -> Calendar:
     """Recompute the subject's calendar from the plan and the actual infusions, and store it."""
-    from tasks.safety import assert_level_approved
-
     assert_level_approved(session, subject.dose_level, f"calendar of {subject.subject_id}")
     cal = compute_calendar(
         protocol, dose_level=subject.dose_level, day0=to_local(protocol.timezone, subject.planned_day0_at),
@@ -191,8 +190,6 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
             enqueue(s, Notice(Role.COORDINATOR, NoticeEvent.WAITLISTED, sid, link=link), dedup=f"{sid}:waitlisted", at=u.at)
             u.commit()
             return EnrollmentOutcome(EnrollmentStatus.WAITLISTED, sid, result)
-        from tasks.safety import assert_level_approved
-
         assert_level_approved(s, level.level, f"enrollment of {sid}")
         slot = taken + 1
         cohort = _cohort_with_room(s, level.level, protocol.escalation.cohort_size.value)
@@ -248,8 +245,6 @@ def record_infusion(
         _on_study(subject)
         if dose_level != subject.dose_level:
             raise UserError(f"dose_level {dose_level} does not match {subject_id}'s assigned dose level {subject.dose_level}")
-        from tasks.safety import assert_level_approved
-
         assert_level_approved(s, dose_level, f"NK infusion for {subject_id}")
         _no_future("given_at", given_local, to_local(protocol.timezone, u.at))
         key = f"nk_infusion-{infusion_number}"
@@ -295,8 +290,6 @@ def record_infusion(
 
 
 def _earliest_day0(session: Session, subject: Subject) -> dt.date | None:
-    from models.tables import ScreeningRecordRow
-
     row = session.exec(select(ScreeningRecordRow).where(ScreeningRecordRow.subject_pk == subject.id)
                        .order_by(ScreeningRecordRow.id.desc())).first()
     return row.earliest_day0_on if row else None
@@ -536,8 +529,6 @@ def act_on_event(
         if row.kind is EventKind.DLT_WINDOW_CLOSE:
             _close_dlt_window(s, protocol, subject, u.at)
             s.flush()
-            from tasks.safety import trial_state
-
             ready = trial_state(s, protocol).ready
         row.reminder_sent_at = u.at
         s.add(row)
