@@ -193,6 +193,7 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
         assert_level_approved(s, level.level, f"enrollment of {sid}")
         slot = taken + 1
         cohort = _cohort_with_room(s, level.level, protocol.escalation.cohort_size.value)
+        _check_sentinel_stagger(s, protocol, level.level, cohort, day0)
         s.add(Enrollment(subject_pk=subject.id, dose_level=level.level, cohort=cohort, slot=slot, enrolled_at=u.at))
         if slot >= level.slots_open:
             level.status = LevelStatus.FULL
@@ -213,6 +214,22 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
         s.add(row)
         u.commit()
         return EnrollmentOutcome(EnrollmentStatus.ENROLLED, sid, result, level.level, cohort, slot)
+
+
+def _check_sentinel_stagger(session: Session, protocol: ProtocolDefinition, level: int, cohort: int, day0: dt.datetime) -> None:
+    """With a sentinel stagger, the cohort's next patients start no sooner than N days after its first."""
+    days = protocol.escalation.sentinel_stagger_days.value
+    if days <= 0:
+        return
+    first = session.exec(select(Subject).join(Enrollment, Enrollment.subject_pk == Subject.id)
+                         .where(Enrollment.dose_level == level, Enrollment.cohort == cohort).order_by(Enrollment.id)).first()
+    if first is None:
+        return  # this patient is the sentinel
+    sentinel_day0 = actual_infusions(session, protocol, first).get(1) or to_local(protocol.timezone, first.planned_day0_at)
+    earliest = sentinel_day0.date() + dt.timedelta(days=days)
+    if day0.date() < earliest:
+        raise UserError(f"planned_day0 {day0.date()} is too soon after the sentinel {first.subject_id} (day 0 {sentinel_day0.date()}): "
+                        f"the protocol staggers patients by {days} days, so choose {earliest} or later")
 
 
 def _cohort_with_room(session: Session, level: int, size: int) -> int:

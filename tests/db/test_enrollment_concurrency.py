@@ -56,3 +56,20 @@ def test_concurrent_enrollment_into_the_last_slot_yields_exactly_one_patient(db_
         assert len(waitlist) == len(contenders) - 1
         assert all(s.exec(select(Subject).where(Subject.subject_id == sid)).one().status is SubjectStatus.WAITLISTED for sid in waitlist)
     engine.dispose()
+
+
+def test_a_sentinel_stagger_holds_the_next_patients_back(tmp_path, protocol):
+    import pytest
+
+    from protocol.errors import UserError
+
+    esc = protocol.escalation.model_copy(update={"sentinel_stagger_days": protocol.escalation.sentinel_stagger_days.model_copy(update={"value": 7})})
+    staggered = protocol.model_copy(update={"escalation": esc, "protocol": protocol.protocol.model_copy(update={"version": "1.0.1"})})
+    engine = make_engine(f"sqlite:///{tmp_path / 'trial.db'}")
+    upgrade(engine)
+    assert _enroll(engine, staggered, "S-001").status is EnrollmentStatus.ENROLLED  # the sentinel, day 0 2027-01-31
+    with pytest.raises(UserError, match=r"too soon after the sentinel S-001 \(day 0 2027-01-31\).*choose 2027-02-07 or later"):
+        _enroll(engine, staggered, "S-002")
+    rec = ScreeningRecord.model_validate({**EXAMPLE, "subject_id": "S-002"})
+    ok = enroll(engine, staggered, record=rec, planned_day0=dt.datetime(2027, 2, 7, 9, 0), actor="coord-1", clock=lambda: NOW)
+    assert ok.status is EnrollmentStatus.ENROLLED and ok.cohort == 1
