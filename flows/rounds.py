@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
+from models.crud import trial_instance
 from tasks.projection import TREATMENT_EVENT, reconcile, scheduled_runs, wanted_runs
 from tasks.records import RoundsReport, daily_rounds as rounds
 
@@ -37,10 +38,10 @@ def reconcile_task(horizon_days: int) -> str:
     now = current_clock()()
     horizon = now + dt.timedelta(days=horizon_days)
     with Session(trial_engine()) as s:
-        wanted = wanted_runs(s)
+        wanted, instance = wanted_runs(s), trial_instance(s)
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(TREATMENT_EVENT)
-        existing = scheduled_runs(client, deployment.id, before=horizon)
+        existing = scheduled_runs(client, deployment.id, instance=instance, before=horizon)
         report = reconcile(client, deployment.id, wanted, existing, now=now, horizon=horizon)
     for line in report.details[:50]:
         get_run_logger().info(line)

@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
 from flows.safety import review_if_ready
-from models.crud import get_subject
+from models.crud import get_subject, trial_instance
 from models.db import UnitOfWork
 from models.tables import CalendarEventRow
 from protocol.dates import to_local
@@ -47,10 +47,10 @@ def store_calendar_task(subject_id: str) -> str:
 def project_runs_task(subject_id: str) -> str:
     engine = trial_engine()
     with Session(engine) as s:
-        wanted = wanted_runs(s, [subject_id])
+        wanted, instance = wanted_runs(s, [subject_id]), trial_instance(s)
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(TREATMENT_EVENT)
-        existing = scheduled_runs(client, deployment.id, subject_id=subject_id)
+        existing = scheduled_runs(client, deployment.id, instance=instance, subject_id=subject_id)
         report = reconcile(client, deployment.id, wanted, existing, now=current_clock()())
     logger = get_run_logger()
     for line in report.details:

@@ -22,6 +22,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Cancelled, Scheduled
 from sqlmodel import Session, select
 
+from models.crud import trial_instance
 from models.tables import CalendarEventRow, EventStatus, Subject
 from protocol.reminders import ACTION_BY_KIND, reminder_label
 from tasks.records import ACTIVE
@@ -40,6 +41,7 @@ class RunSpec:
     label: str
     trigger_at: dt.datetime
     anchor_version: str
+    instance: str = "trial"  # which trial database: one Prefect server can serve a rehearsal beside the real trial
 
     @property
     def name(self) -> str:
@@ -47,11 +49,11 @@ class RunSpec:
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.subject_id}:{self.event_key}:{self.anchor_version}"
+        return f"{self.instance}:{self.subject_id}:{self.event_key}:{self.anchor_version}"
 
     @property
     def tags(self) -> list[str]:
-        return [f"subject:{self.subject_id}", f"dose-level:{self.dose_level}", f"event:{self.kind}"]
+        return [f"subject:{self.subject_id}", f"dose-level:{self.dose_level}", f"event:{self.kind}", f"trial:{self.instance}"]
 
 
 @dataclass
@@ -78,17 +80,19 @@ def wanted_runs(session: Session, subject_ids: Iterable[str] | None = None) -> d
                 CalendarEventRow.remind_at.is_not(None), CalendarEventRow.reminder_sent_at.is_(None)))
     if subject_ids is not None:
         q = q.where(Subject.subject_id.in_(list(subject_ids)))
+    instance = trial_instance(session)
     out: dict[str, list[RunSpec]] = defaultdict(list)
     for sid, level, row in session.exec(q):
-        out[sid].append(RunSpec(sid, level, row.key, row.kind.value, _run_label(row), row.remind_at, row.anchor_version))
+        out[sid].append(RunSpec(sid, level, row.key, row.kind.value, _run_label(row), row.remind_at, row.anchor_version, instance))
     return out
 
 
-def scheduled_runs(client, deployment_id, *, subject_id: str | None = None, before: dt.datetime | None = None) -> dict[tuple[str, str], list[FlowRun]]:
-    """Scheduled treatment-event runs, by (subject, event key); optionally one subject or up to a time."""
-    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))
-    if subject_id:
-        flt.tags = FlowRunFilterTags(all_=[f"subject:{subject_id}"])
+def scheduled_runs(
+    client, deployment_id, *, instance: str, subject_id: str | None = None, before: dt.datetime | None = None,
+) -> dict[tuple[str, str], list[FlowRun]]:
+    """This trial database's scheduled treatment-event runs, by (subject, event key); optionally one subject or up to a time."""
+    flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                        tags=FlowRunFilterTags(all_=[f"trial:{instance}"] + ([f"subject:{subject_id}"] if subject_id else [])))
     if before:
         flt.next_scheduled_start_time = FlowRunFilterNextScheduledStartTime(before_=before)
     runs: dict[tuple[str, str], list[FlowRun]] = defaultdict(list)

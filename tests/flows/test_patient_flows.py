@@ -268,3 +268,25 @@ def test_the_3_month_visit_window_notice_lists_what_is_due(trial_db, clock, chan
     (note,) = [m.body for m in channels("coordinator") if "visit window opens" in m.body]
     assert note.startswith("S-022 · visit window opens · 3-month visit (2027-04-24 to 2027-05-08): bone-marrow aspirate, "
                            "MRD by multiparameter flow cytometry, response assessment (CR) · due 2027-05-01")
+
+
+def test_two_trial_databases_on_one_server_never_touch_each_others_runs(trial_db, clock, channels, tmp_path, monkeypatch):
+    """A rehearsal database beside the real one: same subject IDs, separate projections."""
+    from models.crud import trial_instance
+    from models.migrate import upgrade
+    from nktrial.runtime import trial_engine
+
+    enroll_patient(request("S-030"))
+    with Session(trial_db) as s:
+        first = trial_instance(s)
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'rehearsal.db'}")
+    rehearsal = trial_engine()
+    upgrade(rehearsal)
+    enroll_patient(request("S-030"))
+    daily_rounds()  # reconciles the rehearsal's projection only
+    with Session(rehearsal) as s:
+        second = trial_instance(s)
+    assert first != second
+    runs = subject_runs("S-030")
+    assert len(runs) == 34  # 17 each, none cancelled or shared
+    assert {t for r in runs for t in r.tags if t.startswith("trial:")} == {f"trial:{first}", f"trial:{second}"}
