@@ -283,11 +283,7 @@ def record_infusion(
             if earliest and given_local.date() < earliest:
                 raise UserError(f"given_at {given_local.date()} is before {subject_id}'s earliest permissible day 0 {earliest} (washouts)")
         else:
-            day0 = actuals[1].date()
-            row = _event(s, subject, key)
-            lo = day0 + dt.timedelta(days=plan[infusion_number - 1].day - plan[infusion_number - 1].window.minus_days)
-            hi = day0 + dt.timedelta(days=plan[infusion_number - 1].day + plan[infusion_number - 1].window.plus_days)
-            row.window_start_on, row.window_end_on = lo, hi
+            row = _event(s, subject, key)  # its window was re-anchored to the actual infusion 1 when that was recorded
             reason = _window(f"NK infusion {infusion_number}", given_local.date(), row, reason)
         given_utc = _utc(protocol, given_local, "given_at")
         s.add(Administration(subject_pk=subject.id, kind=AdministrationKind.NK_INFUSION, event_key=key, given=True, given_at=given_utc,
