@@ -57,7 +57,9 @@ def start_cohort_review(history: str) -> None:
 
     with Session(trial_engine()) as s:
         instance = trial_instance(s)
+    # Scheduled at the trial clock's now (the wall clock in production): a rehearsal's review is never due for a worker's wall clock.
     run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, idempotency_key=f"{instance}:cohort-review:{history}",
+                         scheduled_time=current_clock()(),
                          flow_run_name=f"cohort review · {history}", tags=["cohort-review", f"trial:{instance}"])
     get_run_logger().info("cohort review %s started for history %s", run.id, history)
 
@@ -83,9 +85,13 @@ def report_adverse_event(report: AeReport):
     if outcome.serious:
         p = protocol().notifications
         remind_at = current_clock()() + dt.timedelta(hours=p.sae_report_deadline_hours - p.sae_reminder_before_deadline_hours)
+        from models.crud import trial_instance
+
+        with Session(trial_engine()) as s:
+            instance = trial_instance(s)
         run_deployment("sae-deadline/sae-deadline", parameters={"ae": {"ae_id": outcome.ae_id}}, scheduled_time=remind_at, timeout=0,
-                       as_subflow=False, idempotency_key=f"sae-deadline:{outcome.ae_id}", flow_run_name=f"{report.subject_id} · SAE deadline",
-                       tags=[f"subject:{report.subject_id}"])
+                       as_subflow=False, idempotency_key=f"{instance}:sae-deadline:{outcome.ae_id}",
+                       flow_run_name=f"{report.subject_id} · SAE deadline", tags=[f"subject:{report.subject_id}", f"trial:{instance}"])
     return Completed(message=f"AE {outcome.ae_id} for {outcome.subject_id}: DLT screen {outcome.screen.value} ({outcome.rule})")
 
 

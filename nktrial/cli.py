@@ -538,6 +538,71 @@ def cmd_escalation_approve(args) -> None:
     _deliver_now(args)
 
 
+# -- rehearsal ------------------------------------------------------------------------------------
+
+def _rehearsal_text(res) -> str:
+    yes = {True: "yes", False: "no (replaced)", None: "—"}
+    out = [f"Rehearsal {res.scenario}: {res.title}",
+           f"{res.virtual_days} virtual days · {res.runs_executed} runs executed · {res.staff_entries} bedside entries · "
+           f"{res.notices_sent} notices · {res.wall_seconds} s", "",
+           _table([[p["subject_id"], p["dose_level"] or "—", p["cohort"] or "—", p["status"].replace("_", " "), yes[p["evaluable"]],
+                    p["dlts"], p["outcome"]] for p in res.patients],
+                  ["patient", "level", "cohort", "status", "evaluable", "DLTs", "DLT window"]), "",
+           _table([[f"DL{lv['dose_level']}", lv["status"].replace("_", " "), lv["patients"], lv["dlts"]] for lv in res.levels],
+                  ["level", "status", "evaluable", "DLTs"]), "", "decisions:"]
+    for i, d in enumerate(res.decisions, start=1):
+        target = f" DL{d['level']}" if d["level"] else ""
+        signed = f"signed {d['signed']}{target} by {d['signer']} at {d['signed_at']}" if d["signed"] else "waiting for the PI"
+        out.append(f"  {i}. {d['history']} → rule: {d['recommended']}"
+                   + (f" DL{d['recommended_level']}" if d["recommended_level"] else "") + f"; {signed}")
+    if not res.decisions:
+        out.append("  none")
+    out += ["", f"history: {res.history or '(none)'}",
+            f"MTD: {'DL' + str(res.mtd) if res.mtd else 'none declared' + (' (the trial is still open)' if res.trial_open else '')}",
+            "3+3 check: " + ("the final state is what the rules imply" if not res.problems else "; ".join(res.problems)),
+            f"event log: {res.event_log}"]
+    return "\n".join(out)
+
+
+def cmd_simulate(args) -> None:
+    import logging
+    import time
+
+    from nktrial.scenario import load
+    from nktrial.server import healthy
+    from nktrial.settings import get_settings
+    from nktrial.simulate import rehearse
+
+    scenario = load(args.scenario)
+    protocol = _protocol(args)
+    if args.api_url:
+        api = args.api_url.rstrip("/")
+        if not api.startswith(("http://", "https://")) or not api.endswith("/api"):
+            raise UserError(f"--api-url '{args.api_url}' is not a Prefect API address like http://127.0.0.1:4200/api")
+        if not healthy(api):
+            raise UserError(f"--api-url {api}: no Prefect server answers there; start one (make up) or leave --api-url out")
+        if scenario.start <= dt.date.today():
+            raise UserError(f"scenario start {scenario.start} is not in the future: on a shared server a worker would take the "
+                            "rehearsal's due runs; rehearse there with a later start, or leave --api-url out")
+    out = args.out or get_settings().data_dir / "rehearsals" / f"{scenario.name}-{dt.datetime.now():%Y%m%dT%H%M%S}"
+    logging.getLogger("prefect").setLevel(logging.WARNING)  # the progress lines, not every run's log
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, temporary_server=not args.api_url,
+                   progress=progress)
+    progress(f"done in {time.monotonic() - started:.0f} s (server start included)")
+    if args.json:
+        _print_json(res.as_dict())
+    else:
+        print(_rehearsal_text(res))
+    if res.problems:
+        raise SystemExit(1)
+
+
 # -- the main job ---------------------------------------------------------------------------------
 
 def cmd_up(args) -> None:
@@ -695,6 +760,16 @@ def build_parser() -> argparse.ArgumentParser:
     nl = note.add_parser("list", help="the newest notices and their status")
     nl.add_argument("--limit", type=int, default=20)
     nl.set_defaults(func=cmd_notify_list)
+
+    sim = sub.add_parser("simulate", help="rehearse a whole trial in virtual time through the real deployments")
+    sim.add_argument("scenario", help="a scenario YAML file, or a shipped one: no-dlt, one-of-three-expansion, two-dlts-deescalation, "
+                                      "late-infusion, withdrawal-replacement, missed-il2")
+    sim.add_argument("--json", action="store_true", help="print the final state as JSON")
+    sim.add_argument("--api-url", default=None, help="a running Prefect server (default: a temporary one, started and stopped here)")
+    sim.add_argument("--out", type=Path, default=None, help="folder for the rehearsal's trial database and event log "
+                                                           "(default: data/rehearsals/NAME-TIME)")
+    sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    sim.set_defaults(func=cmd_simulate)
 
     up = sub.add_parser("up", help="start a local Prefect server, deploy every flow, start a worker (Ctrl-C stops)")
     up.add_argument("--host", default="127.0.0.1")

@@ -8,32 +8,17 @@ all of it; starting again keeps the data (trial database and Prefect database bo
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from nktrial.server import healthy, prefect_exe
 from protocol.errors import UserError
 
 POOL = "nktrial"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _prefect() -> str:
-    exe = Path(sys.executable).with_name("prefect")
-    return str(exe) if exe.exists() else (shutil.which("prefect") or "prefect")
 
 
 def _step(msg: str) -> None:
@@ -46,7 +31,7 @@ def run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) ->
     logs.mkdir(parents=True, exist_ok=True)
     api = f"http://{host}:{port}/api"
     ui = f"http://{host}:{port}"
-    if _healthy(api):
+    if healthy(api):
         raise UserError(f"port {port}: a Prefect server already answers at {ui}; stop it first or choose --port")
     env = {
         **os.environ,
@@ -80,25 +65,25 @@ def run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) ->
         subprocess.run([sys.executable, "-m", "nktrial", "db", "upgrade"], env=env, check=True, cwd=ROOT)
         _step(f"starting the Prefect server on {ui} (log: {logs / 'server.log'})")
         server_log = open(logs / "server.log", "a", encoding="utf-8")
-        children.append(subprocess.Popen([_prefect(), "server", "start", "--host", host, "--port", str(port)], env=env,
+        children.append(subprocess.Popen([prefect_exe(), "server", "start", "--host", host, "--port", str(port)], env=env,
                                          stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
         deadline = time.monotonic() + 120
-        while not _healthy(api):
+        while not healthy(api):
             if children[0].poll() is not None or time.monotonic() > deadline:
                 raise UserError(f"the Prefect server did not start; see {logs / 'server.log'}")
             time.sleep(1)
         _step(f"work pool '{POOL}' (process)")
-        inspect = subprocess.run([_prefect(), "work-pool", "inspect", POOL], env=env, capture_output=True, cwd=ROOT)
+        inspect = subprocess.run([prefect_exe(), "work-pool", "inspect", POOL], env=env, capture_output=True, cwd=ROOT)
         if inspect.returncode != 0:
-            subprocess.run([_prefect(), "work-pool", "create", POOL, "--type", "process"], env=env, check=True, capture_output=True, cwd=ROOT)
+            subprocess.run([prefect_exe(), "work-pool", "create", POOL, "--type", "process"], env=env, check=True, capture_output=True, cwd=ROOT)
         _step("deploying every flow from prefect.yaml")
-        deploy = subprocess.run([_prefect(), "--no-prompt", "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT)
+        deploy = subprocess.run([prefect_exe(), "--no-prompt", "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT)
         if deploy.returncode != 0:
             (logs / "deploy.log").write_text(deploy.stdout + deploy.stderr, encoding="utf-8")
             raise UserError(f"prefect deploy failed; see {logs / 'deploy.log'}")
         _step(f"starting a worker on pool '{POOL}' (log: {logs / 'worker.log'})")
         worker_log = open(logs / "worker.log", "a", encoding="utf-8")
-        children.append(subprocess.Popen([_prefect(), "worker", "start", "--pool", POOL], env=env, stdout=worker_log,
+        children.append(subprocess.Popen([prefect_exe(), "worker", "start", "--pool", POOL], env=env, stdout=worker_log,
                                          stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
         channel = (f"notifications go to the channels in {apprise_config}" if apprise_config else
                    "no notification channel is configured: every notice is still recorded in the outbox "

@@ -130,6 +130,7 @@ class NkInfusions(Sourcing):
     infusions: list[Infusion] = Field(min_length=1)
     product_request_lead_days: Sourced[int]
     cells_tolerance_percent: Sourced[float]
+    route: Sourced[str]
 
     @model_validator(mode="after")
     def _plan(self) -> NkInfusions:

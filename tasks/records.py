@@ -167,7 +167,7 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
         s = u.session
         register_protocol(s, protocol=protocol, at=u.at)
         subject = get_subject(s, subject_id=sid)
-        if subject is not None and subject.status is not SubjectStatus.SCREEN_FAILED:
+        if subject is not None and subject.status not in (SubjectStatus.SCREEN_FAILED, SubjectStatus.WAITLISTED):
             raise UserError(f"subject_id {sid} is already {subject.status.value.replace('_', ' ')}; it cannot be enrolled again")
         if subject is None:
             subject = Subject(subject_id=sid, created_at=u.at)
@@ -186,7 +186,8 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
             subject.status = SubjectStatus.WAITLISTED
             subject.planned_day0_at = _utc(protocol, day0, "planned_day0")
             s.add(subject)
-            s.add(WaitlistEntry(subject_pk=subject.id, added_at=u.at))
+            if s.exec(select(WaitlistEntry).where(WaitlistEntry.subject_pk == subject.id)).first() is None:
+                s.add(WaitlistEntry(subject_pk=subject.id, added_at=u.at))
             enqueue(s, Notice(Role.COORDINATOR, NoticeEvent.WAITLISTED, sid, link=link), dedup=f"{sid}:waitlisted", at=u.at)
             u.commit()
             return EnrollmentOutcome(EnrollmentStatus.WAITLISTED, sid, result)
@@ -195,6 +196,8 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
         cohort = _cohort_with_room(s, level.level, protocol.escalation.cohort_size.value)
         _check_sentinel_stagger(s, protocol, level.level, cohort, day0)
         s.add(Enrollment(subject_pk=subject.id, dose_level=level.level, cohort=cohort, slot=slot, enrolled_at=u.at))
+        for waiting in s.exec(select(WaitlistEntry).where(WaitlistEntry.subject_pk == subject.id)):
+            s.delete(waiting)  # a waitlisted patient re-screened into a slot leaves the waitlist
         if slot >= level.slots_open:
             level.status = LevelStatus.FULL
             s.add(level)
@@ -469,14 +472,7 @@ def take_off_study(
         if enrollment is not None and enrollment.dlt_window_closed_at is None and not enrollment.evaluable:
             enrollment.evaluable = False  # left before the DLT window closed without a DLT: replaced
             s.add(enrollment)
-            level = s.get(DoseLevelState, enrollment.dose_level)
-            if level.status in (LevelStatus.OPEN, LevelStatus.FULL):
-                level.slots_open += 1
-                level.status = LevelStatus.OPEN
-                s.add(level)
-                enqueue(s, Notice(Role.COORDINATOR, NoticeEvent.REPLACEMENT_SLOT, subject_id, due_on=effective_on,
-                                  detail=f"DL{level.level}, cohort {enrollment.cohort}", link=link),
-                        dedup=f"{subject_id}:replacement", at=u.at)
+            _open_replacement_slot(s, enrollment, subject_id, effective_on, u.at, link)
         waiting = s.exec(select(WaitlistEntry).where(WaitlistEntry.subject_pk == subject.id)).first()
         if waiting is not None:
             s.delete(waiting)
@@ -540,7 +536,7 @@ def act_on_event(
                             dedup=f"{subject_id}:{row.key}", at=u.at) is not None
         ready = False
         if row.kind is EventKind.DLT_WINDOW_CLOSE:
-            _close_dlt_window(s, protocol, subject, u.at)
+            _close_dlt_window(s, protocol, subject, u.at, link)
             s.flush()
             ready = trial_state(s, protocol).ready
         row.reminder_sent_at = u.at
@@ -555,13 +551,27 @@ def _due_on(session: Session, subject: Subject, row: CalendarEventRow) -> dt.dat
     return row.local_on
 
 
-def _close_dlt_window(session: Session, protocol: ProtocolDefinition, subject: Subject, at: dt.datetime) -> None:
-    """Evaluable: received every infusion and completed the window, or had a DLT in it."""
+def _open_replacement_slot(s: Session, enrollment: Enrollment, subject_id: str, on: dt.date, at: dt.datetime, link: str | None) -> None:
+    """A patient who will not count (not evaluable, no DLT) is replaced: one more slot in the same cohort."""
+    level = s.get(DoseLevelState, enrollment.dose_level)
+    if level.status in (LevelStatus.OPEN, LevelStatus.FULL):
+        level.slots_open += 1
+        level.status = LevelStatus.OPEN
+        s.add(level)
+        enqueue(s, Notice(Role.COORDINATOR, NoticeEvent.REPLACEMENT_SLOT, subject_id, due_on=on,
+                          detail=f"DL{level.level}, cohort {enrollment.cohort}", link=link),
+                dedup=f"{subject_id}:replacement", at=at)
+
+
+def _close_dlt_window(session: Session, protocol: ProtocolDefinition, subject: Subject, at: dt.datetime, link: str | None = None) -> None:
+    """Evaluable: received every infusion and completed the window, or had a DLT in it. Not evaluable: replaced."""
     enrollment = session.exec(select(Enrollment).where(Enrollment.subject_pk == subject.id)).one()
     given = len(actual_infusions(session, protocol, subject))
     enrollment.evaluable = given == len(protocol.nk_infusions.infusions) or bool(enrollment.evaluable)
     enrollment.dlt_window_closed_at = at
     session.add(enrollment)
+    if not enrollment.evaluable:
+        _open_replacement_slot(session, enrollment, subject.subject_id, _today(protocol, at), at, link)
     subject.status = SubjectStatus.FOLLOW_UP
     session.add(subject)
 

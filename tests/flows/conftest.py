@@ -19,20 +19,14 @@ from prefect.flow_engine import run_flow  # noqa: E402
 from prefect.states import Scheduled  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows.enrollment import enroll_patient  # noqa: E402
-from flows.recording import off_study, record_il2_dose, record_infusion, record_lab_result, record_visit  # noqa: E402
-from flows.rounds import daily_rounds  # noqa: E402
-from flows.safety import adjudicate_dlt, cohort_review, report_adverse_event, sae_deadline, update_adverse_event  # noqa: E402
-from flows.treatment import patient_treatment, treatment_event  # noqa: E402
+from flows.deployments import ALL_FLOWS  # noqa: E402
+from flows.treatment import treatment_event  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 from nktrial.clock import VirtualClock, use_clock  # noqa: E402
 from nktrial.runtime import trial_engine  # noqa: E402
 from tasks.projection import scheduled_at  # noqa: E402
-from tests.receiver import Receiver  # noqa: E402
+from nktrial.receiver import Receiver  # noqa: E402
 
-ALL_FLOWS = [enroll_patient, patient_treatment, treatment_event, daily_rounds, record_infusion, record_il2_dose,
-             record_visit, record_lab_result, off_study, report_adverse_event, update_adverse_event, adjudicate_dlt, sae_deadline,
-             cohort_review]
 ROLES = ["coordinator", "nurse", "pi", "cell-lab", "pharmacy", "safety"]
 
 

@@ -1,4 +1,4 @@
-"""A real HTTP endpoint for apprise's json:// notifications, on loopback, for tests."""
+"""A real HTTP endpoint for apprise's json:// notifications, on loopback: what rehearsals and tests capture."""
 
 from __future__ import annotations
 
