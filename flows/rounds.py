@@ -16,9 +16,10 @@ from tasks.records import RoundsReport, daily_rounds as rounds
 
 
 class RoundsOptions(BaseModel):
-    """How far ahead daily rounds check the Prefect projection."""
+    """How far ahead daily rounds check the Prefect projection, and whether they refresh the reports."""
 
     reconcile_horizon_days: int = Field(default=2, ge=0, le=120, description="recreate or move runs due within this many days")
+    reports: bool = Field(default=True, description="refresh the reports: artifacts, and files under the data folder's reports/")
 
 
 @task(name="rounds")
@@ -64,6 +65,26 @@ def rounds_markdown(r: RoundsReport, projection: str) -> str:
     ])
 
 
+@task(name="refresh-reports")
+def reports_task() -> str:
+    """Swimmer plot, dashboard, PK, 3-month outcomes as artifacts; those and the exports as files."""
+    import base64
+
+    from nktrial.settings import get_settings
+    from tasks.reports import write_all
+
+    folder = get_settings().data_dir.resolve() / "reports"
+    with Session(trial_engine()) as s:
+        rs = write_all(s, protocol(), folder, now=current_clock()())
+    png = base64.b64encode(rs.swimmer_png).decode()
+    create_markdown_artifact(key="swimmer-plot", markdown=f"# Swimmer plot\n\n![swimmer plot](data:image/png;base64,{png})",
+                             description="Patients by dose level on protocol days (also reports/swimmer.png in the data folder)")
+    create_markdown_artifact(key="trial-dashboard", markdown=rs.dashboard, description="Cohort and trial dashboard")
+    create_markdown_artifact(key="pk-summary", markdown=rs.pk, description="Donor NK cell Cmax and Tmax")
+    create_markdown_artifact(key="outcomes-3-month", markdown=rs.outcomes, description="3-month MRD-negative and CR rates by dose level")
+    return f"{len(rs.files)} report files written"
+
+
 @flow(name="daily-rounds", flow_run_name="daily rounds")
 def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     """IL-2 due and missed, visits closing, overdue items, the coordinators' digest, and the projection check."""
@@ -71,9 +92,13 @@ def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     reviews, adjudications = pi_reminders_task()
     deliver_notices()  # also redelivers anything a down channel left in the outbox
     projection = reconcile_task(options.reconcile_horizon_days)
+    reports = "reports not refreshed this time"
+    if options.reports:  # a report that cannot be drawn never stops the rounds' own work
+        state = reports_task(return_state=True)
+        reports = state.result() if state.is_completed() else f"reports not refreshed: {state.message}"
     create_markdown_artifact(key="daily-rounds", markdown=rounds_markdown(report, projection), description=f"Daily rounds {report.today}")
     summary = (f"{report.active_patients} active; IL-2 due {len(report.il2_due)}, missed {len(report.il2_missed)}; "
                f"visits closing {len(report.visits_closing)}; overdue {len(report.overdue)}; "
-               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; projection {projection}")
+               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; projection {projection}; {reports}")
     get_run_logger().info(summary)
     return summary

@@ -538,6 +538,42 @@ def cmd_escalation_approve(args) -> None:
     _deliver_now(args)
 
 
+# -- reports --------------------------------------------------------------------------------------
+
+def cmd_report(args) -> None:
+    import dataclasses
+
+    from sqlmodel import Session
+
+    from nktrial.clock import now
+    from nktrial.settings import get_settings
+    from tasks import reports
+
+    p = _protocol(args)
+    engine = _engine()
+    folder = Path(args.out) if args.out else get_settings().data_dir / "reports"
+    with Session(engine) as s:
+        if args.what == "swimmer":
+            from tasks.swimmer import lanes, render
+
+            target = folder if folder.suffix == ".png" else folder / "swimmer.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            today = reports.today_local(p, now())
+            target.write_bytes(render(lanes(s, p, today), p, title=f"{p.protocol.trial_id} · patients by dose level · as of {today} (site time)"))
+            print(target)
+            return
+        if args.what == "all":
+            rs = reports.write_all(s, p, folder, now=now())
+            print(f"{len(rs.files)} files in {folder}:")
+            print("\n".join(f"  {f}" for f in rs.files))
+            return
+        report = {"dashboard": lambda: reports.dashboard(s, p), "pk": lambda: reports.pk(s), "outcomes": lambda: reports.outcomes(s, p)}[args.what]()
+    if args.json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        print(report.markdown())
+
+
 # -- rehearsal ------------------------------------------------------------------------------------
 
 def _rehearsal_text(res) -> str:
@@ -560,13 +596,15 @@ def _rehearsal_text(res) -> str:
     out += ["", f"history: {res.history or '(none)'}",
             f"MTD: {'DL' + str(res.mtd) if res.mtd else 'none declared' + (' (the trial is still open)' if res.trial_open else '')}",
             "3+3 check: " + ("the final state is what the rules imply" if not res.problems else "; ".join(res.problems)),
-            f"event log: {res.event_log}"]
+            f"event log: {res.event_log}", f"reports: {res.reports}"]
     return "\n".join(out)
 
 
 def cmd_simulate(args) -> None:
-    import logging
+    import os
     import time
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the progress lines, not every run's log (read when Prefect loads)
 
     from nktrial.scenario import load
     from nktrial.server import healthy
@@ -585,15 +623,16 @@ def cmd_simulate(args) -> None:
             raise UserError(f"scenario start {scenario.start} is not in the future: on a shared server a worker would take the "
                             "rehearsal's due runs; rehearse there with a later start, or leave --api-url out")
     out = args.out or get_settings().data_dir / "rehearsals" / f"{scenario.name}-{dt.datetime.now():%Y%m%dT%H%M%S}"
-    logging.getLogger("prefect").setLevel(logging.WARNING)  # the progress lines, not every run's log
     started = time.monotonic()
 
     def progress(line: str) -> None:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
+    if args.reports_every < 1:
+        raise UserError(f"--reports-every {args.reports_every}: give a number of days, 1 or more")
     res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, temporary_server=not args.api_url,
-                   progress=progress)
+                   progress=progress, reports_every=args.reports_every)
     progress(f"done in {time.monotonic() - started:.0f} s (server start included)")
     if args.json:
         _print_json(res.as_dict())
@@ -761,6 +800,12 @@ def build_parser() -> argparse.ArgumentParser:
     nl.add_argument("--limit", type=int, default=20)
     nl.set_defaults(func=cmd_notify_list)
 
+    rpt = sub.add_parser("report", help="reports from the trial database: dashboard, pk, outcomes, swimmer plot, or all with the exports")
+    rpt.add_argument("what", choices=["dashboard", "pk", "outcomes", "swimmer", "all"])
+    rpt.add_argument("--json", action="store_true", help="dashboard, pk, outcomes: JSON instead of markdown")
+    rpt.add_argument("--out", default=None, help="swimmer: a .png file or folder; all: a folder (default: data/reports)")
+    rpt.set_defaults(func=cmd_report)
+
     sim = sub.add_parser("simulate", help="rehearse a whole trial in virtual time through the real deployments")
     sim.add_argument("scenario", help="a scenario YAML file, or a shipped one: no-dlt, one-of-three-expansion, two-dlts-deescalation, "
                                       "late-infusion, withdrawal-replacement, missed-il2")
@@ -769,6 +814,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, default=None, help="folder for the rehearsal's trial database and event log "
                                                            "(default: data/rehearsals/NAME-TIME)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    sim.add_argument("--reports-every", type=int, default=7, metavar="DAYS",
+                     help="daily rounds refresh the reports every DAYS virtual days, and once at the end (default 7)")
     sim.set_defaults(func=cmd_simulate)
 
     up = sub.add_parser("up", help="start a local Prefect server, deploy every flow, start a worker (Ctrl-C stops)")

@@ -90,6 +90,7 @@ class Result:
     notices_sent: int
     wall_seconds: float
     event_log: str
+    reports: str
     wall_by_kind: dict[str, dict] = field(default_factory=dict)  # kind → steps, seconds, median ms
     problems: list[str] = field(default_factory=list)
 
@@ -128,9 +129,10 @@ def pk_value(subject_id: str, cells_per_infusion: float, infusions: list[dt.date
 
 class Rehearsal:
     def __init__(self, scenario: Scenario, protocol: ProtocolDefinition, engine, *, out_dir: Path,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, reports_every: int = 7):
         self.sc, self.p, self.engine, self.out_dir = scenario, protocol, engine, out_dir
         self.progress = progress or (lambda _msg: None)
+        self.reports_every = reports_every
         tz = protocol.timezone
         self.tz = tz
         self.clock = VirtualClock(local_instant(tz, scenario.start, dt.time(0, 0), what="start")[0])
@@ -140,6 +142,7 @@ class Rehearsal:
         self.done: set[tuple] = set()
         self.arrived: dict[str, dt.datetime] = {}
         self.paused_since: dict[str, dt.datetime] = {}
+        self.waitlisted: set[str] = set()
         self.runs_executed = self.staff_entries = 0
         self.receiver: Receiver | None = None
         self.deployments: dict = {}  # deployment id → flow
@@ -173,19 +176,21 @@ class Rehearsal:
             self.deployments[dep.id] = f
             self.deployment_ids[f.name] = dep.id
 
-    def execute(self, run_id) -> str:
-        """Execute one run here, as a worker would; a suspended review ends Paused."""
+    def execute(self, run_id, created=None) -> str:
+        """Execute one run here, as a worker would; a suspended review ends Paused. `created`: a run just created Pending."""
         from prefect import get_client
         from prefect.exceptions import Pause
         from prefect.flow_engine import run_flow
         from prefect.states import Pending
 
         with get_client(sync_client=True) as client:
-            run = client.read_flow_run(run_id)
+            run = created if created is not None else None
+            if run is None:  # a Scheduled (or resumed) run: Pending now, so no worker's clock can take it
+                client.set_flow_run_state(run_id, Pending(), force=True)
+                run = client.read_flow_run(run_id)
             flow = self.deployments[run.deployment_id]
-            client.set_flow_run_state(run_id, Pending(), force=True)
             try:
-                state = run_flow(flow, flow_run=client.read_flow_run(run_id), return_type="state")
+                state = run_flow(flow, flow_run=run, return_type="state")
             except Pause:
                 state = client.read_flow_run(run_id).state
         self.runs_executed += 1
@@ -209,16 +214,17 @@ class Rehearsal:
         with get_client(sync_client=True) as client:
             run = client.create_flow_run_from_deployment(self.deployment_ids[flow_name], parameters=parameters, state=Pending(),
                                                          tags=[f"trial:{self.instance}"])
-        return self.execute(run.id)
+        return self.execute(run.id, created=run)
 
     # -- what could happen next ---------------------------------------------------------------------
 
-    def step_rounds(self) -> Step:
+    def step_rounds(self, *, final: bool = False) -> Step:
         at = self.local(self.next_rounds_on, self.rounds_at)
+        reports = final or (self.next_rounds_on - self.sc.start).days % self.reports_every == 0
 
         def do():
             self.next_rounds_on += dt.timedelta(days=1)
-            return "rounds", self.run_deployment("daily-rounds", {})
+            return "rounds", self.run_deployment("daily-rounds", {"options": {"reports": reports}})
 
         return Step(at, ROUNDS, "daily rounds", do)
 
@@ -252,7 +258,8 @@ class Rehearsal:
         with Session(self.engine) as s:
             d = s.exec(select(EscalationDecision).where(EscalationDecision.review_flow_run_id == run_id)).first()
             number = s.exec(select(func.count()).select_from(EscalationDecision).where(EscalationDecision.id <= d.id)).one()
-        codes = [re.search(r"signing code (\d{8})", m.body) for m in self.receiver.at("pi") if f"decision {d.id} " in m.body]
+        codes = [re.search(r"signing code (\d{8})", m.body) for m in self.receiver.messages[self.first_message:]
+                 if m.path == "pi" and f"decision {d.id} " in m.body]
         codes = [c.group(1) for c in codes if c]
         if not codes:
             self.paused_since.pop(run_id, None)
@@ -265,14 +272,16 @@ class Rehearsal:
         return f"resumed with {action.value}, code from the PI channel → " + self.execute(run_id)
 
     def step_referral(self) -> Step | None:
+        if all(p.id in self.arrived for p in self.sc.patients) and not self.waitlisted:
+            return None  # everyone referred, nobody waiting: nothing to look up
         with Session(self.engine) as s:
             level = s.exec(select(DoseLevelState).where(DoseLevelState.status == LevelStatus.OPEN)).first()
             free = 0
             if level is not None:
                 taken = s.exec(select(func.count()).select_from(Enrollment).where(Enrollment.dose_level == level.level)).one()
                 free = level.slots_open - taken
-            waitlisted = [sid for sid, in s.exec(select(Subject.subject_id).where(Subject.status == SubjectStatus.WAITLISTED)
-                                                 .order_by(Subject.id)).all()]
+            waitlisted = list(s.exec(select(Subject.subject_id).where(Subject.status == SubjectStatus.WAITLISTED).order_by(Subject.id)).all())
+        self.waitlisted = set(waitlisted)
         fixed = [(self.local(self.sc.start + dt.timedelta(days=p.arrives_on_day), self.p.site.event_time), p)
                  for p in self.sc.patients if p.id not in self.arrived and p.arrives_on_day is not None]
         queue = [p for p in self.sc.patients if p.id in waitlisted] + \
@@ -287,6 +296,7 @@ class Rehearsal:
 
     def refer(self, p: PatientSpec) -> str:
         self.arrived[p.id] = self.clock()
+        self.waitlisted.add(p.id)  # until the next look-up says otherwise
         day0 = self.today() + dt.timedelta(days=self.sc.day0_after_days)
         request = {"screening": screening_for(p, day0), "planned_day0": dt.datetime.combine(day0, self.p.site.event_time).isoformat(),
                    "recorded_by": "coord-1"}
@@ -296,15 +306,18 @@ class Rehearsal:
         """The earliest thing a staff member does: what the calendar asks, changed by the scenario."""
         best: Step | None = None
         with Session(self.engine) as s:
+            # In due order: the scenario only ever delays an action, so the first rows hold the earliest one.
             rows = s.exec(select(Subject, CalendarEventRow).join(CalendarEventRow, CalendarEventRow.subject_pk == Subject.id)
                           .where(Subject.status.in_(ACTIVE), CalendarEventRow.status == EventStatus.PLANNED,
-                                 CalendarEventRow.kind.in_(STAFF_KINDS))).all()
+                                 CalendarEventRow.kind.in_(STAFF_KINDS)).order_by(CalendarEventRow.due_at).limit(200)).all()
             inf2_done = set(s.exec(select(CalendarEventRow.subject_pk).where(
                 CalendarEventRow.key == "nk_infusion-2", CalendarEventRow.status == EventStatus.DONE)).all())
             subjects = {sid: (pk, st, lvl, day0) for pk, sid, st, lvl, day0 in s.exec(
                 select(Subject.id, Subject.subject_id, Subject.status, Subject.dose_level, Subject.planned_day0_at)
                 .where(Subject.status.in_(ACTIVE))).all()}
         for subject, row in rows:
+            if best is not None and row.due_at > best.at:
+                break
             spec = self.sc.patient(subject.subject_id)
             step = self._staff_step(spec, subject, row, subject.id in inf2_done)
             if step and (best is None or (step.at, step.order) < (best.at, best.order)):
@@ -432,15 +445,17 @@ class Rehearsal:
 
     def live(self, steps: list[Step]) -> bool:
         """Anything left but rounds: patients on study, a review waiting, a referral, a due run."""
+        if self.paused_since or any(st.order != ROUNDS for st in steps):
+            return True
         with Session(self.engine) as s:
-            active = s.exec(select(func.count()).select_from(Subject).where(Subject.status.in_(ACTIVE))).one()
-        return bool(active or self.paused_since or any(st.order != ROUNDS for st in steps))
+            return s.exec(select(func.count()).select_from(Subject).where(Subject.status.in_(ACTIVE))).one() > 0
 
     def run(self) -> Result:
         from prefect import get_client
 
         started = time.monotonic()
         self.ae_ids = {}
+        self.first_message = len(self.receiver.messages)  # a shared receiver may hold other trials' codes
         with Session(self.engine) as s:
             self.instance = trial_instance(s)
         with get_client(sync_client=True) as client:
@@ -458,11 +473,15 @@ class Rehearsal:
             self.clock.set(max(step.at, self.clock()))
             seen, t0 = len(self.receiver.messages), time.monotonic()
             kind, result = step.do()
-            notices = [f"{m.path}: {m.body.split(' · ')[1] if ' · ' in m.body else m.body}" for m in self.receiver.messages[seen:]]
+            notices = [f"{m.path}: {' · '.join(m.body.split(' · ')[:2])}" for m in self.receiver.messages[seen:]]
             self.log.append(LogEntry(self._stamp(self.clock()), kind, step.name, result, notices, round((time.monotonic() - t0) * 1000)))
             if self.today() != last_day:
                 last_day = self.today()
                 self.progress(self._progress_line(started))
+        final = self.step_rounds(final=True)  # the closing rounds leave the reports as the trial ended
+        self.clock.set(max(final.at, self.clock()))
+        kind, result = final.do()
+        self.log.append(LogEntry(self._stamp(self.clock()), kind, "daily rounds (closing)", result))
         self._cancel_leftovers()
         log_path = self.write_log()
         return self.result(time.monotonic() - started, log_path)
@@ -539,8 +558,8 @@ class Rehearsal:
         final = decisions[-1] if decisions else None
         mtd = final["mtd"] if final and final["signed"] == Action.STOP.value else None
         res = Result(self.sc.name, self.sc.title, state.history, mtd, trial_open, patients, levels, decisions,
-                     (self.today() - self.sc.start).days, self.runs_executed, self.staff_entries, len(self.receiver.messages),
-                     round(wall, 1), str(log_path))
+                     (self.today() - self.sc.start).days, self.runs_executed, self.staff_entries, len(self.receiver.messages) - self.first_message,
+                     round(wall, 1), str(log_path), str(self.out_dir / "reports"))
         res.problems = check(res, design, self.sc)
         for kind in sorted({e.kind for e in self.log}):
             ms = sorted(e.wall_ms for e in self.log if e.kind == kind)
@@ -599,8 +618,11 @@ def _environment(values: dict[str, str]):
 
 
 def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition, api_url: str | None = None, temporary_server: bool = False,
-             progress: Callable[[str], None] | None = None) -> Result:
-    """Run a scenario into a fresh trial database under out_dir, on the Prefect server in use, a given one, or a temporary one."""
+             progress: Callable[[str], None] | None = None, reports_every: int = 7, receiver: Receiver | None = None) -> Result:
+    """Run a scenario into a fresh trial database under out_dir, on the Prefect server in use, a given one, or a temporary one.
+
+    Notices go to a local receiver (its own, or the one given), one path per role.
+    """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
 
     from models.db import make_engine
@@ -612,7 +634,8 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
         from protocol.errors import UserError
 
         raise UserError(f"--out {out_dir.name}: it already holds a rehearsal's trial database; choose a new folder")
-    receiver = Receiver().start()
+    own_receiver = receiver is None
+    receiver = receiver or Receiver().start()
     apprise = out_dir / "apprise.yml"
     apprise.write_text(receiver.apprise_yaml({role.value: [role.value] for role in Role}), encoding="utf-8")
     engine = make_engine(f"sqlite:///{db}")
@@ -634,11 +657,12 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
             if api_url:
                 rehearsal_settings |= {PREFECT_API_URL: api_url, PREFECT_LOGGING_TO_API_ENABLED: not temporary_server}
             stack.enter_context(temporary_settings(rehearsal_settings))
-            rehearsal = Rehearsal(scenario, protocol, engine, out_dir=out_dir, progress=progress)
+            rehearsal = Rehearsal(scenario, protocol, engine, out_dir=out_dir, progress=progress, reports_every=reports_every)
             rehearsal.receiver = receiver
             rehearsal.clock = clock
             with use_clock(clock):
                 return rehearsal.run()
     finally:
-        receiver.stop()
+        if own_receiver:
+            receiver.stop()
         engine.dispose()

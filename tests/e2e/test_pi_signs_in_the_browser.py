@@ -11,11 +11,6 @@ import datetime as dt
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,6 +26,7 @@ from flows.safety import cohort_review
 from models.migrate import upgrade
 from models.tables import DoseLevelState, LevelStatus, Signature
 from nktrial.clock import VirtualClock, use_clock
+from nktrial.server import local_server
 from nktrial.runtime import protocol, trial_engine
 from protocol.eligibility import ScreeningRecord
 from tasks import records
@@ -42,45 +38,15 @@ UTC = dt.timezone.utc
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory):
+    """A Prefect server with its UI (the test harness's has none), on a free port; flushed and stopped after."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
         pytest.skip("Debian's chromium is not installed")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    home = tmp_path_factory.mktemp("prefect-ui")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the Prefect UI server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield f"http://127.0.0.1:{port}", api
-    with temporary_settings({PREFECT_API_URL: api}):  # flush what this process still owes this server, while it is up
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.instance().drain()
-        EventsWorker.drain_all()
-    proc.terminate()
-    proc.wait(timeout=30)
+    with local_server(tmp_path_factory.mktemp("prefect-ui"), ui=True) as api:
+        yield api.removesuffix("/api"), api
 
 
 def _cohort_of_three_with_closed_windows(engine) -> None:
@@ -154,3 +120,35 @@ def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(
         assert (sig.signer_id, sig.printed_name) == ("pi-01", "Principal Investigator")
         assert s.get(DoseLevelState, 2).status is LevelStatus.OPEN and s.get(DoseLevelState, 1).status is LevelStatus.CLOSED
     assert (ARTIFACTS / "cohort-review-resume-form.png").stat().st_size > 10_000
+
+
+def test_daily_rounds_publish_the_swimmer_plot_as_an_image_the_ui_shows(ui_server, tmp_path, monkeypatch, channels):
+    from playwright.sync_api import sync_playwright
+
+    from flows.rounds import daily_rounds
+    from flows.treatment import treatment_event
+
+    ui, api = ui_server
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'trial.db'}")
+    monkeypatch.setenv("NKTRIAL_DATA_DIR", str(tmp_path))
+    engine = trial_engine()
+    upgrade(engine)
+    _cohort_of_three_with_closed_windows(engine)
+    with temporary_settings({PREFECT_API_URL: api, PREFECT_LOGGING_TO_API_ENABLED: False}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
+        treatment_event.to_deployment(name="treatment-event").apply()  # rounds check the projection against it
+        summary = daily_rounds()
+        assert "report files written" in summary
+        with get_client(sync_client=True) as client:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["swimmer-plot"])), limit=1)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{ui}/artifacts/artifact/{artifact.id}")
+            page.get_by_role("heading", name="Swimmer plot").wait_for()
+            page.wait_for_function("Array.from(document.images).some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 800)")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "swimmer-plot-artifact.png"))
+            browser.close()
+    assert (tmp_path / "reports" / "swimmer.png").stat().st_size > 10_000

@@ -17,6 +17,7 @@ from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
 from prefect.flow_engine import run_flow  # noqa: E402
 from prefect.states import Scheduled  # noqa: E402
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.deployments import ALL_FLOWS  # noqa: E402
@@ -32,7 +33,8 @@ ROLES = ["coordinator", "nurse", "pi", "cell-lab", "pharmacy", "safety"]
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
+    # Flows run in this process and end in seconds: no crash-detection heartbeat thread, whose join costs up to 1 s a run.
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         for f in ALL_FLOWS:
             f.to_deployment(name=f.name).apply()
         yield
@@ -79,6 +81,7 @@ def channels(receiver, tmp_path, monkeypatch):
 def trial_db(prefect_server, tmp_path, monkeypatch):
     """A fresh, migrated SQLite trial database for this test, used by every flow through the settings."""
     monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'trial.db'}")
+    monkeypatch.setenv("NKTRIAL_DATA_DIR", str(tmp_path))  # reports land here, not in the working copy
     engine = trial_engine()
     upgrade(engine)
     yield engine
