@@ -72,7 +72,8 @@ def cmd_protocol_show(args) -> None:
     for inf in p.nk_infusions.infusions:
         print(f"  infusion {inf.number}: day {inf.day} (window −{inf.window.minus_days}/+{inf.window.plus_days}) {tag(inf.window.source)}")
     lead = p.nk_infusions.product_request_lead_days
-    print(f"  product request to the cell lab {lead.value} days before each infusion {tag(lead.source)}")
+    print(f"  product request to the cell lab {lead.value} days before each infusion {tag(lead.source)}; "
+          f"route {p.nk_infusions.route.value} {tag(p.nk_infusions.route.source)}")
     il2 = p.il2
     print(f"IL-2                 {il2.dose_miu.value:g} MIU {il2.route.value} once daily for {il2.duration_days.value} days "
           f"{tag(il2.dose_miu.source)}, from day {il2.first_day.value} {tag(il2.first_day.source)}")

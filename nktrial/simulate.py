@@ -178,21 +178,20 @@ class Rehearsal:
 
     def execute(self, run_id, created=None) -> str:
         """Execute one run here, as a worker would; a suspended review ends Paused. `created`: a run just created Pending."""
-        from prefect import get_client
         from prefect.exceptions import Pause
         from prefect.flow_engine import run_flow
         from prefect.states import Pending
 
-        with get_client(sync_client=True) as client:
-            run = created if created is not None else None
-            if run is None:  # a Scheduled (or resumed) run: Pending now, so no worker's clock can take it
-                client.set_flow_run_state(run_id, Pending(), force=True)
-                run = client.read_flow_run(run_id)
-            flow = self.deployments[run.deployment_id]
-            try:
-                state = run_flow(flow, flow_run=run, return_type="state")
-            except Pause:
-                state = client.read_flow_run(run_id).state
+        client = self.client
+        run = created
+        if run is None:  # a Scheduled (or resumed) run: Pending now, so no worker's clock can take it
+            client.set_flow_run_state(run_id, Pending(), force=True)
+            run = client.read_flow_run(run_id)
+        flow = self.deployments[run.deployment_id]
+        try:
+            state = run_flow(flow, flow_run=run, return_type="state")
+        except Pause:
+            state = client.read_flow_run(run_id).state
         self.runs_executed += 1
         if state.is_paused():
             self.paused_since.setdefault(str(run_id), self.clock())
@@ -208,12 +207,10 @@ class Rehearsal:
         return f"{state.name}: {text}" if text else state.name
 
     def run_deployment(self, flow_name: str, parameters: dict) -> str:
-        from prefect import get_client
         from prefect.states import Pending
 
-        with get_client(sync_client=True) as client:
-            run = client.create_flow_run_from_deployment(self.deployment_ids[flow_name], parameters=parameters, state=Pending(),
-                                                         tags=[f"trial:{self.instance}"])
+        run = self.client.create_flow_run_from_deployment(self.deployment_ids[flow_name], parameters=parameters, state=Pending(),
+                                                          tags=[f"trial:{self.instance}"])
         return self.execute(run.id, created=run)
 
     # -- what could happen next ---------------------------------------------------------------------
@@ -229,18 +226,16 @@ class Rehearsal:
         return Step(at, ROUNDS, "daily rounds", do)
 
     def step_run(self) -> Step | None:
-        from prefect import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
         from prefect.client.schemas.objects import StateType
         from prefect.client.schemas.sorting import FlowRunSort
 
         from tasks.projection import scheduled_at
 
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-                                              tags=FlowRunFilterTags(all_=[f"trial:{self.instance}"])),
-                sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC, limit=1)
+        runs = self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                                          tags=FlowRunFilterTags(all_=[f"trial:{self.instance}"])),
+            sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC, limit=1)
         if not runs:
             return None
         run = runs[0]
@@ -458,8 +453,11 @@ class Rehearsal:
         self.first_message = len(self.receiver.messages)  # a shared receiver may hold other trials' codes
         with Session(self.engine) as s:
             self.instance = trial_instance(s)
-        with get_client(sync_client=True) as client:
-            self.ensure_deployments(client)
+        with get_client(sync_client=True) as self.client:  # one client for the whole rehearsal: building one costs ~20 ms
+            return self._run(started)
+
+    def _run(self, started: float) -> Result:
+        self.ensure_deployments(self.client)
         end = self.local(self.sc.start + dt.timedelta(days=self.sc.max_days), dt.time(0, 0))
         last_day = None
         while True:

@@ -103,7 +103,8 @@ def render(lanes_: list[Lane], protocol: ProtocolDefinition, *, title: str) -> b
         y += 0.8  # a gap between dose levels
     for lane in lanes_:
         ly = y_of[lane.subject_id]
-        ax.broken_barh([(window.open_day, window.close_day - window.open_day + 1)], (ly - 0.38, 0.76), facecolors="#fbe3c8",
+        close = window.close_day if lane.off_study_day is None else min(window.close_day, lane.off_study_day)  # it ends off study
+        ax.broken_barh([(window.open_day, close - window.open_day + 1)], (ly - 0.38, 0.76), facecolors="#fbe3c8",
                        edgecolors="none", zorder=0)
         ax.plot([0, lane.end_day], [ly, ly], color="#9e9e9e", lw=1.2, zorder=1)
         if lane.il2_given:

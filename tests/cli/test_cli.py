@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -191,3 +192,23 @@ def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_
     refused = nktrial("escalation", "approve", "--decision", "1", "--signer", "pi-01", "--name", "PI", "--action", "escalate",
                       "--code", "12345678", env=env)
     _assert_one_sentence(refused, "signature refused: decision 1 does not exist")
+
+
+def test_reports_from_the_command_line_name_patients_by_id_and_parse_back(tmp_path):
+    import icalendar
+
+    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
+    assert nktrial("db", "upgrade", env=env).returncode == 0
+    assert nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env).returncode == 0
+    dash = nktrial("report", "dashboard", env=env)
+    assert dash.returncode == 0, dash.stderr
+    assert "Enrolled **1** of the target **12**" in dash.stdout and "| DL1 | 1.0e+08 | open | 1 | 0 | 0 | 2 |" in dash.stdout
+    assert json.loads(nktrial("report", "outcomes", "--json", env=env).stdout)["levels"][0]["enrolled"] == 1
+    everything = nktrial("report", "all", "--out", str(tmp_path / "out"), env=env)
+    assert everything.returncode == 0, everything.stderr
+    cal = icalendar.Calendar.from_ical((tmp_path / "out" / "ical" / "cell-lab.ics").read_bytes())
+    (request,) = [ev for ev in cal.walk("VEVENT") if "infusion 2" in str(ev["summary"])]  # infusion 1's request went at enrollment
+    assert str(request["summary"]) == "S-001 · product request for infusion 2"
+    assert request.decoded("dtstart").replace(tzinfo=None) == dt.datetime(2099, 1, 31, 9, 0)
+    swimmer = nktrial("report", "swimmer", "--out", str(tmp_path / "s.png"), env=env)
+    assert swimmer.returncode == 0 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -73,3 +73,22 @@ def test_a_sentinel_stagger_holds_the_next_patients_back(tmp_path, protocol):
     rec = ScreeningRecord.model_validate({**EXAMPLE, "subject_id": "S-002"})
     ok = enroll(engine, staggered, record=rec, planned_day0=dt.datetime(2027, 2, 7, 9, 0), actor="coord-1", clock=lambda: NOW)
     assert ok.status is EnrollmentStatus.ENROLLED and ok.cohort == 1
+
+
+def test_a_waitlisted_patient_takes_the_slot_a_withdrawal_opens_and_leaves_the_waitlist(engine, protocol):
+    from models.tables import DoseLevelState, OffStudyReason
+    from tasks.records import take_off_study
+
+    for sid in ("S-001", "S-002", "S-003"):
+        assert _enroll(engine, protocol, sid).status is EnrollmentStatus.ENROLLED
+    assert _enroll(engine, protocol, "S-004").status is EnrollmentStatus.WAITLISTED
+    assert _enroll(engine, protocol, "S-004").status is EnrollmentStatus.WAITLISTED  # asking again keeps one place in the queue
+    take_off_study(engine, protocol, subject_id="S-002", reason=OffStudyReason.WITHDRAWAL, effective_on=dt.date(2027, 1, 20),
+                   actor="coord-1", clock=lambda: NOW)
+    with Session(engine) as s:
+        assert s.get(DoseLevelState, 1).slots_open == 4  # the replacement slot
+    again = _enroll(engine, protocol, "S-004")
+    assert (again.status, again.cohort, again.slot) == (EnrollmentStatus.ENROLLED, 1, 4)
+    with Session(engine) as s:
+        assert s.exec(select(WaitlistEntry)).all() == []
+        assert s.exec(select(Subject).where(Subject.subject_id == "S-004")).one().status is SubjectStatus.ENROLLED

@@ -156,7 +156,7 @@ def test_missed_il2_doses_are_flagged_next_morning_and_recorded(rehearsed):
         missed = s.exec(select(Administration.event_key).where(Administration.subject_pk == subj.id,
                                                                Administration.kind == AdministrationKind.IL2_DOSE,
                                                                Administration.given.is_(False))).all()
-    assert sorted(missed) == ["il2_dose-5", "il2_dose-6"]
+    assert sorted(missed) == ["il2_dose-05", "il2_dose-06"]
 
 
 # -- the reports, from the no-DLT trial ---------------------------------------------------------
@@ -269,3 +269,19 @@ def test_a_bad_scenario_gets_one_sentence(tmp_path):
     assert proc.stderr.startswith("nktrial: error: scenario bad.yaml: field 'patients.0.id'")
     proc = subprocess.run([sys.executable, "-m", "nktrial", "simulate", "no-such-scenario"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "shipped: " in proc.stderr and "no-dlt" in proc.stderr
+
+
+def test_the_swimmer_lanes_show_what_happened_to_each_patient(rehearsed):
+    from tasks.swimmer import lanes
+
+    _, withdrawal, _ = rehearsed("withdrawal-replacement")
+    _, missed, _ = rehearsed("missed-il2")
+    with Session(withdrawal) as s:
+        by = {lane.subject_id: lane for lane in lanes(s, P, dt.date(2027, 12, 31))}
+    assert list(by) == ["S-401", "S-402", "S-403", "S-404"]  # one lane each, by dose level then enrollment
+    assert (by["S-402"].infusions, by["S-402"].off_study_day, by["S-402"].end_day) == ([0], 5, 5)
+    assert by["S-401"].infusions == [0, 14] and by["S-401"].completed and by["S-401"].visits == [28, 90]
+    assert len(by["S-401"].il2_given) == P.il2.duration_days.value
+    with Session(missed) as s:
+        lane = next(lane for lane in lanes(s, P, dt.date(2027, 12, 31)) if lane.subject_id == "S-501")
+    assert lane.il2_missed == [5, 6] and 5 not in lane.il2_given
