@@ -634,7 +634,7 @@ def cmd_simulate(args) -> None:
         raise UserError(f"--reports-every {args.reports_every}: give a number of days, 1 or more")
     res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, temporary_server=not args.api_url,
                    progress=progress, reports_every=args.reports_every)
-    progress(f"done in {time.monotonic() - started:.0f} s (server start included)")
+    progress(f"done in {time.monotonic() - started:.0f} s" + ("" if args.api_url else " (the temporary server's start included)"))
     if args.json:
         _print_json(res.as_dict())
     else:
