@@ -143,6 +143,7 @@ class Rehearsal:
         self.arrived: dict[str, dt.datetime] = {}
         self.paused_since: dict[str, dt.datetime] = {}
         self.waitlisted: set[str] = set()
+        self.ae_ids: dict[tuple, int] = {}  # ("ae-id", subject, index in the scenario) → the AE's id in the trial database
         self.runs_executed = self.staff_entries = 0
         self.receiver: Receiver | None = None
         self.deployments: dict = {}  # deployment id → flow
@@ -165,12 +166,14 @@ class Rehearsal:
     # -- the deployments --------------------------------------------------------------------------
 
     def ensure_deployments(self, client) -> None:
+        from prefect.exceptions import ObjectNotFound
+
         from flows.deployments import ALL_FLOWS
 
         for f in ALL_FLOWS:
             try:
                 dep = client.read_deployment_by_name(f"{f.name}/{f.name}")
-            except Exception:  # noqa: BLE001 - not deployed on this server yet: deploy it (no work pool; runs execute here)
+            except ObjectNotFound:  # not deployed on this server yet: deploy it (no work pool; runs execute here)
                 f.to_deployment(name=f.name).apply()
                 dep = client.read_deployment_by_name(f"{f.name}/{f.name}")
             self.deployments[dep.id] = f
@@ -411,8 +414,6 @@ class Rehearsal:
                                                                     "recorded_by": "coord-1"}}))
         return "; ".join(done)
 
-    ae_ids: dict[tuple, int]
-
     def report_ae(self, sid: str, i: int, ae, onset: dt.date) -> str:
         self.done.add(("ae", sid, i))
         report = {"subject_id": sid, "term": ae.term, "category": ae.category.value, "grade": ae.grade, "onset_on": onset.isoformat(),
@@ -449,7 +450,6 @@ class Rehearsal:
         from prefect import get_client
 
         started = time.monotonic()
-        self.ae_ids = {}
         self.first_message = len(self.receiver.messages)  # a shared receiver may hold other trials' codes
         with Session(self.engine) as s:
             self.instance = trial_instance(s)
@@ -569,7 +569,10 @@ def check(res: Result, design, sc: Scenario) -> list[str]:
     """What the 3+3 rules imply, replayed independently of the flows, against what the rehearsal did."""
     problems = []
     try:
-        design.validate(design.parse(res.history))
+        cohorts = design.parse(res.history)
+        if cohorts and cohorts[-1].n < design.cohort_size and design.tallies(cohorts)[cohorts[-1].dose_level].dlts < 2:
+            cohorts = cohorts[:-1]  # the newest cohort is still in its DLT windows (a rehearsal cut short by max_days)
+        design.validate(cohorts)
     except ValueError as exc:
         problems.append(f"the final history is not one 3+3 can produce: {exc}")
     for i, d in enumerate(res.decisions, start=1):

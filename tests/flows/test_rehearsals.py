@@ -285,3 +285,20 @@ def test_the_swimmer_lanes_show_what_happened_to_each_patient(rehearsed):
     with Session(missed) as s:
         lane = next(lane for lane in lanes(s, P, dt.date(2027, 12, 31)) if lane.subject_id == "S-501")
     assert lane.il2_missed == [5, 6] and 5 not in lane.il2_given
+
+
+@pytest.mark.parametrize("history, decisions, problem", [
+    ("1NNN 2T", [], None),  # cut short while the newest cohort is in its DLT windows
+    ("1NNN 2TT", [], None),  # a second DLT ends a cohort early
+    ("1NN 2NNN", [], "a cohort has 3 unless a second DLT"),
+    ("1NNN", [{"history": "1NNN", "recommended": "expand", "recommended_level": 1, "signed": "expand", "mtd": None}], "the rule says escalate DL2"),
+    ("1NTN", [{"history": "1NTN", "recommended": "expand", "recommended_level": 1, "signed": "escalate", "mtd": None}], "bolder than"),
+])
+def test_the_3_plus_3_check_flags_what_the_rule_would_not_do(history, decisions, problem):
+    from nktrial.scenario import Scenario
+    from nktrial.simulate import Result, check
+
+    sc = Scenario.model_validate({"name": "x", "title": "x", "start": "2027-03-01", "patients": [{"id": "S-001"}]})
+    res = Result("x", "x", history, None, True, [], [], decisions, 0, 0, 0, 0, 0.0, "", "")
+    problems = check(res, design_for(P), sc)
+    assert (problems == []) if problem is None else any(problem in p for p in problems), problems
