@@ -555,12 +555,11 @@ def cmd_report(args) -> None:
     folder = Path(args.out) if args.out else get_settings().data_dir / "reports"
     with Session(engine) as s:
         if args.what == "swimmer":
-            from tasks.swimmer import lanes, render
+            from tasks.swimmer import swimmer_png
 
             target = folder if folder.suffix == ".png" else folder / "swimmer.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            today = reports.today_local(p, now())
-            target.write_bytes(render(lanes(s, p, today), p, title=f"{p.protocol.trial_id} · patients by dose level · as of {today} (site time)"))
+            target.write_bytes(swimmer_png(s, p, reports.today_local(p, now())))
             print(target)
             return
         if args.what == "all":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -106,9 +107,14 @@ def rounds_time() -> dt.time:
     return dt.time(int(hour), int(minute))
 
 
+@functools.lru_cache(maxsize=1)
+def _template() -> str:
+    return TEMPLATE.read_text(encoding="utf-8")
+
+
 def screening_for(p: PatientSpec, day0: dt.date) -> dict:
     """The template record with its dates moved so they keep their distance from the planned day 0."""
-    record = json.loads(TEMPLATE.read_text(encoding="utf-8"))
+    record = json.loads(_template())
     shift = day0 - TEMPLATE_DAY0
     for key, value in record.items():
         if key.endswith("_on") and isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
@@ -128,14 +134,13 @@ def pk_value(subject_id: str, cells_per_infusion: float, infusions: list[dt.date
 
 
 class Rehearsal:
-    def __init__(self, scenario: Scenario, protocol: ProtocolDefinition, engine, *, out_dir: Path,
+    def __init__(self, scenario: Scenario, protocol: ProtocolDefinition, engine, *, out_dir: Path, clock: VirtualClock, receiver: Receiver,
                  progress: Callable[[str], None] | None = None, reports_every: int = 7):
         self.sc, self.p, self.engine, self.out_dir = scenario, protocol, engine, out_dir
         self.progress = progress or (lambda _msg: None)
         self.reports_every = reports_every
-        tz = protocol.timezone
-        self.tz = tz
-        self.clock = VirtualClock(local_instant(tz, scenario.start, dt.time(0, 0), what="start")[0])
+        self.tz = protocol.timezone
+        self.clock, self.receiver = clock, receiver
         self.rounds_at = rounds_time()
         self.next_rounds_on = scenario.start
         self.log: list[LogEntry] = []
@@ -143,9 +148,8 @@ class Rehearsal:
         self.arrived: dict[str, dt.datetime] = {}
         self.paused_since: dict[str, dt.datetime] = {}
         self.waitlisted: set[str] = set()
-        self.ae_ids: dict[tuple, int] = {}  # ("ae-id", subject, index in the scenario) → the AE's id in the trial database
+        self.ae_ids: dict[tuple[str, int], int] = {}  # (subject, index in the scenario) → the AE's id in the trial database
         self.runs_executed = self.staff_entries = 0
-        self.receiver: Receiver | None = None
         self.deployments: dict = {}  # deployment id → flow
         self.deployment_ids: dict[str, object] = {}  # flow name → deployment id
 
@@ -310,9 +314,7 @@ class Rehearsal:
                                  CalendarEventRow.kind.in_(STAFF_KINDS)).order_by(CalendarEventRow.due_at).limit(200)).all()
             inf2_done = set(s.exec(select(CalendarEventRow.subject_pk).where(
                 CalendarEventRow.key == "nk_infusion-2", CalendarEventRow.status == EventStatus.DONE)).all())
-            subjects = {sid: (pk, st, lvl, day0) for pk, sid, st, lvl, day0 in s.exec(
-                select(Subject.id, Subject.subject_id, Subject.status, Subject.dose_level, Subject.planned_day0_at)
-                .where(Subject.status.in_(ACTIVE))).all()}
+            day0s = s.exec(select(Subject.subject_id, Subject.planned_day0_at).where(Subject.status.in_(ACTIVE))).all()
         for subject, row in rows:
             if best is not None and row.due_at > best.at:
                 break
@@ -320,7 +322,7 @@ class Rehearsal:
             step = self._staff_step(spec, subject, row, subject.id in inf2_done)
             if step and (best is None or (step.at, step.order) < (best.at, best.order)):
                 best = step
-        for sid, (_pk, _st, _lvl, day0_at) in subjects.items():
+        for sid, day0_at in day0s:
             spec = self.sc.patient(sid)
             day0 = to_local(self.tz, day0_at).date()
             extra = []
@@ -329,7 +331,7 @@ class Rehearsal:
                 if ("ae", sid, i) not in self.done:
                     extra.append(Step(self.local(onset, dt.time(10, 0)), STAFF, f"{sid} AE reported",
                                       lambda sid=sid, i=i, ae=ae, onset=onset: ("staff", self.report_ae(sid, i, ae, onset))))
-                elif ae.adjudicate != "leave" and ("adj", sid, i) not in self.done and ("ae-id", sid, i) in self.ae_ids:
+                elif ae.adjudicate != "leave" and ("adj", sid, i) not in self.done and (sid, i) in self.ae_ids:
                     extra.append(Step(self.local(onset + dt.timedelta(days=ae.adjudicate_after_days), dt.time(11, 0)), STAFF,
                                       f"{sid} DLT adjudication", lambda sid=sid, i=i, ae=ae: ("staff", self.adjudicate(sid, i, ae))))
             if spec.off_study and ("off", sid) not in self.done:
@@ -423,12 +425,12 @@ class Rehearsal:
             row = s.exec(select(AdverseEvent).join(Subject, Subject.id == AdverseEvent.subject_pk)
                          .where(Subject.subject_id == sid).order_by(AdverseEvent.id.desc())).first()
         if row is not None:
-            self.ae_ids[("ae-id", sid, i)] = row.id
+            self.ae_ids[(sid, i)] = row.id
         return result
 
     def adjudicate(self, sid: str, i: int, ae) -> str:
         self.done.add(("adj", sid, i))
-        request = {"ae_id": self.ae_ids[("ae-id", sid, i)], "confirm": ae.adjudicate == "confirm",
+        request = {"ae_id": self.ae_ids[(sid, i)], "confirm": ae.adjudicate == "confirm",
                    "reason": f"rehearsal: {ae.category.value} grade {ae.grade}, {ae.attribution.value}", "investigator_id": "inv-01"}
         return self.run_deployment("adjudicate-dlt", {"request": request})
 
@@ -658,9 +660,8 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
             if api_url:
                 rehearsal_settings |= {PREFECT_API_URL: api_url, PREFECT_LOGGING_TO_API_ENABLED: not temporary_server}
             stack.enter_context(temporary_settings(rehearsal_settings))
-            rehearsal = Rehearsal(scenario, protocol, engine, out_dir=out_dir, progress=progress, reports_every=reports_every)
-            rehearsal.receiver = receiver
-            rehearsal.clock = clock
+            rehearsal = Rehearsal(scenario, protocol, engine, out_dir=out_dir, clock=clock, receiver=receiver, progress=progress,
+                                  reports_every=reports_every)
             with use_clock(clock):
                 return rehearsal.run()
     finally:

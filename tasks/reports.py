@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlmodel import Session, func, select
 
 from models.tables import (
-    AdverseEvent, Adjudication, DoseLevelState, Enrollment, EscalationDecision, LabKind, LabResult, Signature, Subject, WaitlistEntry,
+    DoseLevelState, Enrollment, EscalationDecision, LabKind, LabResult, Signature, Subject, WaitlistEntry,
 )
 from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
@@ -174,10 +174,6 @@ def outcomes(session: Session, protocol: ProtocolDefinition) -> Outcomes:
     return Outcomes(levels)
 
 
-def dlt_subjects(session: Session) -> set[int]:
-    return set(session.exec(select(AdverseEvent.subject_pk).where(AdverseEvent.adjudication == Adjudication.CONFIRMED)).all())
-
-
 def today_local(protocol: ProtocolDefinition, now: dt.datetime) -> dt.date:
     return to_local(protocol.timezone, now).date()
 
@@ -196,11 +192,9 @@ class ReportSet:
 
 def build(session: Session, protocol: ProtocolDefinition, *, now: dt.datetime) -> ReportSet:
     """Every report, in memory (the artifacts need no files)."""
-    from tasks.swimmer import lanes, render
+    from tasks.swimmer import swimmer_png
 
-    today = today_local(protocol, now)
-    png = render(lanes(session, protocol, today), protocol,
-                 title=f"{protocol.protocol.trial_id} · patients by dose level · as of {today} (site time)")
+    png = swimmer_png(session, protocol, today_local(protocol, now))
     return ReportSet("", [], dashboard(session, protocol).markdown(), pk(session).markdown(), outcomes(session, protocol).markdown(), png)
 
 

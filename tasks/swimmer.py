@@ -160,3 +160,9 @@ def render(lanes_: list[Lane], protocol: ProtocolDefinition, *, title: str) -> b
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def swimmer_png(session: Session, protocol: ProtocolDefinition, today: dt.date) -> bytes:
+    """The trial's swimmer plot as of `today` (site date)."""
+    return render(lanes(session, protocol, today), protocol,
+                  title=f"{protocol.protocol.trial_id} · patients by dose level · as of {today} (site time)")
