@@ -35,8 +35,8 @@ from models.crud import register_protocol  # noqa: E402
 from models.db import UnitOfWork  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 from models.tables import CalendarEventRow, DoseLevelState, Enrollment, EventStatus, Subject, SubjectStatus  # noqa: E402
-from nktrial.clock import VirtualClock, use_clock  # noqa: E402
-from nktrial.runtime import protocol, trial_engine  # noqa: E402
+from models.clock import VirtualClock, use_clock  # noqa: E402
+from tasks.runtime import protocol, trial_engine  # noqa: E402
 from protocol.calendar import compute_calendar  # noqa: E402
 from protocol.eligibility import ScreeningRecord  # noqa: E402
 from protocol.reminders import reminder_for  # noqa: E402

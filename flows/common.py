@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
-from nktrial.clock import current_clock
-from nktrial.runtime import protocol, trial_engine
-from nktrial.settings import get_settings
+from models.clock import current_clock
+from tasks.runtime import protocol, trial_engine
+from tasks.settings import get_settings
 from protocol.errors import UserError
 from tasks.delivery import deliver_pending, load_channels
 
-__all__ = ["UserError", "current_clock", "deliver_notices", "protocol", "run_link", "trial_engine"]
+__all__ = ["UserError", "current_clock", "deliver_notices", "protocol", "refuses_user_errors", "run_link", "trial_engine"]
 
 
 def run_link() -> str | None:
@@ -36,3 +40,20 @@ def deliver_notices(ids: list[int] | None = None) -> None:
         logger.info("notices: %s", state.result())
     else:
         logger.warning("notices kept in the outbox for the next delivery pass (daily rounds): %s", state.message)
+
+
+def refuses_user_errors(fn: Callable) -> Callable:
+    """A flow body whose UserError ends the run Failed with the sentence as its message: no traceback.
+
+    Put it under @flow, so that Prefect still reads the body's parameters for the form.
+    """
+
+    @functools.wraps(fn)
+    def body(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            get_run_logger().error(str(exc))
+            return Failed(message=str(exc))
+
+    return body

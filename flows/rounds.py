@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
-from models.crud import trial_instance
+from models.queries import trial_instance
 from tasks.projection import TREATMENT_EVENT, reconcile, scheduled_runs, wanted_runs
 from tasks.records import RoundsReport, daily_rounds as rounds
 
@@ -70,7 +70,7 @@ def reports_task() -> str:
     """Swimmer plot, dashboard, PK, 3-month outcomes as artifacts; those and the exports as files."""
     import base64
 
-    from nktrial.settings import get_settings
+    from tasks.settings import get_settings
     from tasks.reports import write_all
 
     folder = get_settings().data_dir.resolve() / "reports"

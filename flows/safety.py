@@ -19,11 +19,12 @@ from sqlmodel import Session
 from flows.common import UserError, current_clock, deliver_notices, protocol, run_link, trial_engine
 from models.db import UnitOfWork
 from models.tables import EscalationDecision
-from nktrial.settings import get_settings
+from tasks.settings import get_settings
 from protocol.three_plus_three import Action
 from tasks import safety
 from tasks.delivery import load_channels, send_direct
-from tasks.notices import Notice, NoticeEvent, Role, enqueue
+from protocol.roles import Role
+from tasks.notices import Notice, NoticeEvent, enqueue
 from tasks.safety import AeReport, AeUpdate
 
 
@@ -53,7 +54,7 @@ class PiDecision(RunInput):
 
 def start_cohort_review(history: str) -> None:
     """Start the review once per outcome history (idempotency key), as its own run the PI can find."""
-    from models.crud import trial_instance
+    from models.queries import trial_instance
 
     with Session(trial_engine()) as s:
         instance = trial_instance(s)
@@ -85,7 +86,7 @@ def report_adverse_event(report: AeReport):
     if outcome.serious:
         p = protocol().notifications
         remind_at = current_clock()() + dt.timedelta(hours=p.sae_report_deadline_hours - p.sae_reminder_before_deadline_hours)
-        from models.crud import trial_instance
+        from models.queries import trial_instance
 
         with Session(trial_engine()) as s:
             instance = trial_instance(s)

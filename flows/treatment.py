@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
 from flows.safety import review_if_ready
-from models.crud import get_subject, trial_instance
+from models.queries import get_subject, trial_instance
 from models.db import UnitOfWork
 from models.tables import CalendarEventRow
 from protocol.dates import to_local

@@ -7,6 +7,7 @@ import uuid
 
 from sqlmodel import Session, select
 
+from models.queries import get_subject
 from models.tables import CalendarEventRow, DoseLevelState, LevelStatus, ProtocolVersion, ScreeningRecordRow, Subject
 from protocol.calendar import Calendar
 from protocol.definition import ProtocolDefinition
@@ -39,16 +40,6 @@ def register_protocol(session: Session, *, protocol: ProtocolDefinition, at) -> 
                                        slots_open=protocol.escalation.cohort_size.value if lvl.level == 1 else 0,
                                        opened_at=at if lvl.level == 1 else None))
     return row
-
-
-def trial_instance(session: Session) -> str:
-    """A short random name for this trial database, so its Prefect runs never collide with another's."""
-    row = session.exec(select(ProtocolVersion).order_by(ProtocolVersion.id)).first()
-    return row.instance_id[:8] if row and row.instance_id else "trial"
-
-
-def get_subject(session: Session, *, subject_id: str) -> Subject | None:
-    return session.exec(select(Subject).where(Subject.subject_id == subject_id)).first()
 
 
 def create_subject(session: Session, *, subject_id: str, at) -> Subject:

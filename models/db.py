@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -19,15 +19,10 @@ from sqlalchemy import event
 from sqlalchemy.orm import attributes
 from sqlmodel import Session, SQLModel
 
+from models.clock import Clock, wall_clock
 from models.tables import AuditLog
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-Clock = Callable[[], dt.datetime]
-
-
-def utc_now() -> dt.datetime:
-    """The wall clock, in UTC. Inject another clock (a virtual one) wherever time matters."""
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def make_engine(url: str, **kw) -> sa.Engine:
@@ -77,7 +72,7 @@ class UnitOfWork:
     old → new, reason) in the same transaction. Use as a context manager; call `commit()`.
     """
 
-    def __init__(self, engine: sa.Engine, *, actor: str, reason: str, clock: Clock = utc_now):
+    def __init__(self, engine: sa.Engine, *, actor: str, reason: str, clock: Clock = wall_clock):
         if not actor or not actor.strip():
             raise ValueError("actor: every clinical write needs who made it")
         if not reason or not reason.strip():

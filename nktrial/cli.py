@@ -38,7 +38,7 @@ def _protocol(args):
 
     path = args.protocol
     if path is None:
-        from nktrial.settings import get_settings
+        from tasks.settings import get_settings
 
         path = get_settings().protocol_file
     return load_protocol(path)
@@ -237,7 +237,7 @@ def _engine():
     import sqlalchemy as sa
 
     from models.db import make_engine
-    from nktrial.settings import get_settings
+    from tasks.settings import get_settings
 
     url = get_settings().trial_database_url
     try:
@@ -290,15 +290,15 @@ def cmd_db_status(args) -> None:
 # -- recording (the same operations as the flows, straight to the trial database) ---------------
 
 def _writer(args):
-    from nktrial.clock import wall_clock
-    from nktrial.runtime import protocol
+    from models.clock import wall_clock
+    from tasks.runtime import protocol
 
     return _engine(), protocol() if args.protocol is None else _protocol(args), wall_clock
 
 
 def _deliver_now(args) -> None:
     """Send what the write put in the outbox; a channel that is down keeps it pending, not lost."""
-    from nktrial.settings import get_settings
+    from tasks.settings import get_settings
     from tasks.delivery import deliver_pending, load_channels
 
     engine, _, clock = _writer(args)
@@ -398,7 +398,7 @@ def cmd_off_study(args) -> None:
 
 
 def cmd_notify_deliver(args) -> None:
-    from nktrial.settings import get_settings
+    from tasks.settings import get_settings
     from tasks.delivery import deliver_pending, load_channels
 
     engine, _, clock = _writer(args)
@@ -546,8 +546,8 @@ def cmd_report(args) -> None:
 
     from sqlmodel import Session
 
-    from nktrial.clock import now
-    from nktrial.settings import get_settings
+    from models.clock import now
+    from tasks.settings import get_settings
     from tasks import reports
 
     p = _protocol(args)
@@ -608,7 +608,7 @@ def cmd_simulate(args) -> None:
 
     from nktrial.scenario import load
     from nktrial.server import healthy
-    from nktrial.settings import get_settings
+    from tasks.settings import get_settings
     from nktrial.simulate import rehearse
 
     scenario = load(args.scenario)
@@ -645,7 +645,7 @@ def cmd_simulate(args) -> None:
 # -- the main job ---------------------------------------------------------------------------------
 
 def cmd_up(args) -> None:
-    from nktrial.settings import get_settings
+    from tasks.settings import get_settings
     from nktrial.up import run
 
     settings = get_settings()
@@ -828,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.actor is None:
-        from nktrial.settings import get_settings
+        from tasks.settings import get_settings
 
         args.actor = get_settings().actor
     try:

@@ -30,22 +30,23 @@ from pathlib import Path
 import yaml
 from sqlmodel import Session, func, select
 
-from models.crud import get_subject, register_protocol, trial_instance
+from models.crud import register_protocol
+from models.queries import get_subject, trial_instance
 from models.db import UnitOfWork
 from models.migrate import upgrade
 from models.tables import (
     AdverseEvent, Adjudication, CalendarEventRow, DoseLevelState, Enrollment, EscalationDecision, EventStatus, LevelStatus, Signature,
     Subject, SubjectStatus,
 )
-from nktrial.clock import VirtualClock, use_clock
+from models.clock import VirtualClock, use_clock
 from nktrial.receiver import Receiver
 from nktrial.scenario import PatientSpec, Scenario
 from protocol.calendar import EventKind
 from protocol.dates import local_instant, to_local
 from protocol.definition import ProtocolDefinition
 from protocol.three_plus_three import BOLDNESS, Action
-from tasks.notices import Role
-from tasks.records import ACTIVE
+from protocol.roles import Role
+from models.queries import ACTIVE
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "examples" / "screening-S-001.json"

@@ -39,6 +39,53 @@ class Anchor(StrEnum):
     LAST_INFUSION = "last_infusion"
 
 
+@dataclass(frozen=True)
+class EventKey:
+    """The stable name of one event in a patient's calendar, as stored: "nk_infusion-2", "il2_dose-07",
+    "product_request-1", "pk_sample-infusion_1+7", "visit_1_month". Parse it; never split it by hand."""
+
+    kind: EventKind
+    qualifier: str = ""  # the infusion or dose number ("2", "07"), or a PK sample's anchor and offset
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}-{self.qualifier}" if self.qualifier else self.kind.value
+
+    @classmethod
+    def parse(cls, key: str) -> EventKey:
+        kind, _, qualifier = key.partition("-")
+        try:
+            return cls(EventKind(kind), qualifier)
+        except ValueError:
+            raise CalendarError(f"event key '{key}' names no calendar event kind") from None
+
+    @classmethod
+    def nk_infusion(cls, number: int) -> EventKey:
+        return cls(EventKind.NK_INFUSION, str(number))
+
+    @classmethod
+    def product_request(cls, number: int) -> EventKey:
+        return cls(EventKind.PRODUCT_REQUEST, str(number))
+
+    @classmethod
+    def il2_dose(cls, number: int) -> EventKey:
+        return cls(EventKind.IL2_DOSE, f"{number:02d}")
+
+    @classmethod
+    def pk_sample(cls, anchor: str, offset_days: int) -> EventKey:
+        return cls(EventKind.PK_SAMPLE, f"{anchor}+{offset_days}")
+
+    @property
+    def number(self) -> int:
+        """The infusion number (infusions, product requests) or the dose number (IL-2)."""
+        if self.kind not in (EventKind.NK_INFUSION, EventKind.PRODUCT_REQUEST, EventKind.IL2_DOSE):
+            raise CalendarError(f"event {self} is not numbered")
+        return int(self.qualifier)
+
+    def for_kind(self, kind: EventKind) -> EventKey:
+        """The same number for another kind: the infusion a product request is for."""
+        return EventKey(kind, self.qualifier)
+
+
 _RANK = {k: i for i, k in enumerate(EventKind)}
 OUT_OF_WINDOW = "out_of_window"
 
@@ -161,16 +208,16 @@ def compute_calendar(
             raise CalendarError(f"actual_infusions: infusion {n} on day {day} is not after infusion {n - 1} (day {infusion_day[n - 1]})")
         flags = (OUT_OF_WINDOW,) if not win[0] <= day <= win[1] else ()
         infusion_day[n], infusion_time[n] = day, at
-        add(f"nk_infusion-{n}", EventKind.NK_INFUSION, f"NK infusion {n} ({level.cells_per_infusion:.1e} cells)", day, at,
+        add(str(EventKey.nk_infusion(n)), EventKind.NK_INFUSION, f"NK infusion {n} ({level.cells_per_infusion:.1e} cells)", day, at,
             Anchor.INFUSION_1, window=win, actual=n in actuals,
             refuse_ambiguous=True, flags=flags)
-        add(f"product_request-{n}", EventKind.PRODUCT_REQUEST, f"product request for infusion {n}", inf.day - lead,
+        add(str(EventKey.product_request(n)), EventKind.PRODUCT_REQUEST, f"product request for infusion {n}", inf.day - lead,
             default_time, Anchor.INFUSION_1, window=(inf.day - lead, inf.day - lead))
 
     # IL-2, once daily.
     il2 = protocol.il2
     for i, d in enumerate(il2.days, start=1):
-        add(f"il2_dose-{i:02d}", EventKind.IL2_DOSE, f"IL-2 {il2.dose_miu.value:g} MIU {il2.route.value} dose {i}",
+        add(str(EventKey.il2_dose(i)), EventKind.IL2_DOSE, f"IL-2 {il2.dose_miu.value:g} MIU {il2.route.value} dose {i}",
             d, default_time, Anchor.INFUSION_1, window=(d, d))
 
     # DLT window: opens at infusion 1, closes at the end of its last day.
@@ -191,7 +238,7 @@ def compute_calendar(
         day = infusion_day[n] + s.offset_days
         at = infusion_time[n] if s.offset_days == 0 else default_time
         label = f"PK sample day {day}" + (f" ({s.label})" if s.label else "")
-        add(f"pk_sample-{s.anchor}+{s.offset_days}", EventKind.PK_SAMPLE, label, day, at, Anchor(s.anchor), window=(day, day))
+        add(str(EventKey.pk_sample(s.anchor, s.offset_days)), EventKind.PK_SAMPLE, label, day, at, Anchor(s.anchor), window=(day, day))
 
     # Contraception: a single calendar-month addition from the last infusion's date.
     last = max(infusion_day.values())

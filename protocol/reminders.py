@@ -10,7 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
-from protocol.calendar import CalendarEvent, EventKind
+from protocol.calendar import CalendarEvent, EventKey, EventKind
 from protocol.dates import local_instant
 from protocol.definition import ProtocolDefinition
 
@@ -46,9 +46,9 @@ def reminder_label(e: CalendarEvent, action: ReminderAction) -> str:
     """Short words for a reminder, used in run names: \"infusion 2 prep\"."""
     match action:
         case ReminderAction.INFUSION_PREP:
-            return f"infusion {e.key.rsplit('-', 1)[1]} prep"
+            return f"infusion {EventKey.parse(e.key).number} prep"
         case ReminderAction.PRODUCT_REQUEST:
-            return f"product request {e.key.rsplit('-', 1)[1]}"
+            return f"product request {EventKey.parse(e.key).number}"
         case ReminderAction.VISIT_WINDOW_OPEN:
             return f"{e.label} window"
         case ReminderAction.PK_SAMPLE_DUE:

@@ -18,7 +18,7 @@ from models.tables import Administration, AdministrationKind, AdverseEvent, Cale
 from protocol.calendar import EventKind
 from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
-from tasks.notices import Role
+from protocol.roles import Role
 
 # Which calendar events each role's feed carries.
 FEEDS: dict[Role, tuple[EventKind, ...]] = {

@@ -14,17 +14,7 @@ from enum import StrEnum
 from sqlmodel import Session, select
 
 from models.tables import NotificationOutbox, OutboxStatus
-
-
-class Role(StrEnum):
-    """Apprise tags; each channel in the apprise config serves one or more roles."""
-
-    COORDINATOR = "coordinator"
-    NURSE = "nurse"
-    PI = "pi"
-    CELL_LAB = "cell-lab"
-    PHARMACY = "pharmacy"
-    SAFETY = "safety"
+from protocol.roles import Role
 
 
 class NoticeEvent(StrEnum):

@@ -22,10 +22,9 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Cancelled, Scheduled
 from sqlmodel import Session, select
 
-from models.crud import trial_instance
+from models.queries import ACTIVE, trial_instance
 from models.tables import CalendarEventRow, EventStatus, Subject
 from protocol.reminders import ACTION_BY_KIND, reminder_label
-from tasks.records import ACTIVE
 
 TREATMENT_EVENT = "treatment-event/treatment-event"
 PAGE = 200

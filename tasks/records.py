@@ -8,7 +8,6 @@ outbox notices) in one transaction, or nothing. Bad input raises UserError with 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -16,7 +15,9 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, func, select
 
-from models.crud import get_subject, register_protocol, store_calendar, store_screening
+from models.crud import register_protocol, store_calendar, store_screening
+from models.queries import get_subject
+from models.clock import Clock
 from models.db import UnitOfWork
 from models.tables import (
     Administration, AdministrationKind, CalendarEventRow, DoseLevelState, Enrollment, EventStatus, LabKind, LabResult,
@@ -27,10 +28,10 @@ from protocol.dates import local_instant, to_local
 from protocol.definition import ProtocolDefinition
 from protocol.eligibility import ScreeningRecord, ScreeningResult, Verdict, screen
 from protocol.errors import UserError
-from tasks.notices import Notice, NoticeEvent, Role, cancel_pending, enqueue, enqueue_many
+from protocol.roles import Role
+from tasks.notices import Notice, NoticeEvent, cancel_pending, enqueue, enqueue_many
 from tasks.safety import assert_level_approved, trial_state
 
-Clock = Callable[[], dt.datetime]
 ACTIVE = (SubjectStatus.ENROLLED, SubjectStatus.ON_TREATMENT, SubjectStatus.FOLLOW_UP)
 MOVED_TOLERANCE = dt.timedelta(hours=1)
 ENROLL_RETRIES = 5

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import secrets
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -20,7 +19,8 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import Session, select
 
-from models.crud import get_subject
+from models.queries import get_subject
+from models.clock import Clock
 from models.db import UnitOfWork
 from models.tables import (
     Adjudication, AdverseEvent, CalendarEventRow, DoseLevelState, Enrollment, EscalationDecision, LevelStatus, Signature,
@@ -30,9 +30,9 @@ from protocol.definition import ProtocolDefinition
 from protocol.dlt import AeCategory, AeFacts, Attribution, DltScreen, screen_dlt
 from protocol.errors import UserError
 from protocol.three_plus_three import BOLDNESS, Action, Cohort, Decision, Design
-from tasks.notices import Notice, NoticeEvent, Role, enqueue
+from protocol.roles import Role
+from tasks.notices import Notice, NoticeEvent, enqueue
 
-Clock = Callable[[], dt.datetime]
 CODE_DIGITS = 8
 
 

@@ -23,7 +23,7 @@ from sqlmodel import Session, select  # noqa: E402
 from models.tables import (  # noqa: E402
     Administration, AdministrationKind, AdverseEvent, Adjudication, CalendarEventRow, Enrollment, EventStatus, Subject, SubjectStatus,
 )
-from protocol.calendar import EventKind  # noqa: E402
+from protocol.calendar import EventKey, EventKind  # noqa: E402
 from protocol.dates import to_local  # noqa: E402
 from protocol.definition import ProtocolDefinition  # noqa: E402
 
@@ -63,7 +63,7 @@ def lanes(session: Session, protocol: ProtocolDefinition, today: dt.date) -> lis
                 lane.infusions.append(day(to_local(tz, a.given_at).date()))
             elif a.kind is AdministrationKind.IL2_DOSE:
                 (lane.il2_given if a.given else lane.il2_missed).append(
-                    day(to_local(tz, a.given_at).date()) if a.given else int(a.event_key.rsplit("-", 1)[1]) + protocol.il2.first_day.value - 1)
+                    day(to_local(tz, a.given_at).date()) if a.given else EventKey.parse(a.event_key).number + protocol.il2.first_day.value - 1)
         for ae in session.exec(select(AdverseEvent).where(AdverseEvent.subject_pk == subject.id)):
             lane.aes.append((day(ae.onset_on), ae.grade, ae.adjudication is Adjudication.CONFIRMED))
         for row in session.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == subject.id,

@@ -25,9 +25,9 @@ from sqlmodel import Session, select
 from flows.safety import cohort_review
 from models.migrate import upgrade
 from models.tables import DoseLevelState, LevelStatus, Signature
-from nktrial.clock import VirtualClock, use_clock
+from models.clock import VirtualClock, use_clock
 from nktrial.server import local_server
-from nktrial.runtime import protocol, trial_engine
+from tasks.runtime import protocol, trial_engine
 from protocol.eligibility import ScreeningRecord
 from tasks import records
 

@@ -23,8 +23,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.deployments import ALL_FLOWS  # noqa: E402
 from flows.treatment import treatment_event  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
-from nktrial.clock import VirtualClock, use_clock  # noqa: E402
-from nktrial.runtime import trial_engine  # noqa: E402
+from models.clock import VirtualClock, use_clock  # noqa: E402
+from tasks.runtime import trial_engine  # noqa: E402
 from tasks.projection import scheduled_at  # noqa: E402
 from nktrial.receiver import Receiver  # noqa: E402
 

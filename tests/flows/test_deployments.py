@@ -12,7 +12,7 @@ import yaml
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL
 
-from nktrial.runtime import protocol
+from tasks.runtime import protocol
 from tests.flows.conftest import ALL_FLOWS
 
 ROOT = Path(__file__).parents[2]

@@ -25,7 +25,7 @@ from flows.safety import AdjudicationRequest, adjudicate_dlt, cohort_review, rep
 from models.tables import (
     AdverseEvent, DoseLevelState, EscalationDecision, LevelStatus, Signature, SignatureAttempt, SigningCode, Subject,
 )
-from nktrial.runtime import protocol
+from tasks.runtime import protocol
 from protocol.eligibility import ScreeningRecord
 from protocol.errors import UserError
 from protocol.three_plus_three import Action
@@ -83,7 +83,7 @@ def _review_runs(engine, states=(StateType.SCHEDULED, StateType.PAUSED)):
     """This trial database's cohort-review runs (the Prefect server is shared by the whole test session)."""
     from prefect.client.schemas.filters import FlowRunFilterTags
 
-    from models.crud import trial_instance
+    from models.queries import trial_instance
 
     with Session(engine) as s:
         tag = f"trial:{trial_instance(s)}"

@@ -16,7 +16,7 @@ from flows.recording import Il2DoseRecord, InfusionRecord, OffStudyRequest, Visi
 from flows.rounds import daily_rounds
 from flows.treatment import SubjectRef, patient_treatment
 from models.tables import AuditLog, CalendarEventRow, NotificationDelivery, NotificationOutbox, OutboxStatus, Subject, SubjectStatus
-from nktrial.runtime import protocol
+from tasks.runtime import protocol
 from protocol.eligibility import ScreeningRecord
 from tasks.projection import scheduled_at
 from tests.flows.conftest import SCREENING_VALUES, execute_run, subject_runs
@@ -272,9 +272,9 @@ def test_the_3_month_visit_window_notice_lists_what_is_due(trial_db, clock, chan
 
 def test_two_trial_databases_on_one_server_never_touch_each_others_runs(trial_db, clock, channels, tmp_path, monkeypatch):
     """A rehearsal database beside the real one: same subject IDs, separate projections."""
-    from models.crud import trial_instance
+    from models.queries import trial_instance
     from models.migrate import upgrade
-    from nktrial.runtime import trial_engine
+    from tasks.runtime import trial_engine
 
     enroll_patient(request("S-030"))
     with Session(trial_db) as s:

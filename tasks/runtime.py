@@ -10,7 +10,7 @@ import functools
 import sqlalchemy as sa
 
 from models.db import make_engine
-from nktrial.settings import get_settings
+from tasks.settings import get_settings
 from protocol.definition import ProtocolDefinition, load_protocol
 
 
