@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -143,10 +141,3 @@ def _write_audit(session: Session, _ctx) -> None:
             at=uow.at, actor=uow.actor, entity=obj.__tablename__, entity_id=_pk(obj),
             field=field, old_value=old, new_value=new, reason=uow.reason,
         ))
-
-
-@contextmanager
-def read_session(engine: sa.Engine) -> Iterator[Session]:
-    """A session for reading; any write through it is refused."""
-    with Session(engine) as s:
-        yield s

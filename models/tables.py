@@ -1,8 +1,8 @@
 """The trial database: the system of record. Prefect holds orchestration state, not clinical data.
 
-Model families in one place: `XBase` holds the shared fields, `X(table=True)` is the row,
-`XCreate`/`XPublic` are what the outside gives and sees. Instants are UTC (`*_at`), dates are
-local calendar dates (`*_on`).
+One table class per entity, each with a one-line comment. Statuses, actions, categories and
+roles are enum columns (stored as their values). Instants are UTC (`*_at`), dates are local
+calendar dates (`*_on`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,19 @@ from sqlmodel import Field, SQLModel
 
 from models.types import UTCDateTime, enum_type
 from protocol.calendar import EventKind
+from protocol.dlt import AeCategory, Attribution, DltScreen
+from protocol.eligibility import Verdict
+from protocol.roles import Role
+from protocol.three_plus_three import Action
 
 
 def _at(**kw):
     return Field(sa_type=UTCDateTime, **kw)
+
+
+class DecisionStatus(StrEnum):
+    WAITING = "waiting"  # for the PI's signature
+    SIGNED = "signed"
 
 
 class LevelStatus(StrEnum):
@@ -107,14 +116,10 @@ class DoseLevelState(SQLModel, table=True):
     closed_at: dt.datetime | None = _at(default=None)
 
 
-# Subject: shared fields. Pseudonymous: a subject ID, never a name.
-class SubjectBase(SQLModel):
-    subject_id: str = Field(max_length=32, unique=True, index=True)
-
-
-# Subject: the row.
-class Subject(SubjectBase, table=True):
+# Subject: pseudonymous, a subject ID and never a name.
+class Subject(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
+    subject_id: str = Field(max_length=32, unique=True, index=True)
     status: SubjectStatus = Field(sa_type=enum_type(SubjectStatus), default=SubjectStatus.SCREENING)
     dose_level: int | None = Field(default=None, foreign_key="dose_level_state.level")
     planned_day0_at: dt.datetime | None = _at(default=None)
@@ -123,24 +128,13 @@ class Subject(SubjectBase, table=True):
     created_at: dt.datetime = _at()
 
 
-# Subject: what a coordinator gives to create one.
-class SubjectCreate(SubjectBase):
-    pass
-
-
-# Subject: what the outside sees.
-class SubjectPublic(SubjectBase):
-    status: SubjectStatus
-    dose_level: int | None
-
-
 # Screening result: the per-criterion report kept as it was computed.
 class ScreeningRecordRow(SQLModel, table=True):
     __tablename__ = "screening_result"
     id: int | None = Field(default=None, primary_key=True)
     subject_pk: int = Field(foreign_key="subject.id", index=True)
     protocol_version: str = Field(max_length=32)
-    verdict: str = Field(max_length=16)
+    verdict: Verdict = Field(sa_type=enum_type(Verdict, 16))
     earliest_day0_on: dt.date | None = None
     result_json: str
     screened_at: dt.datetime = _at()
@@ -215,17 +209,17 @@ class AdverseEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     subject_pk: int = Field(foreign_key="subject.id", index=True)
     term: str = Field(max_length=120)
-    category: str = Field(max_length=32)
+    category: AeCategory = Field(sa_type=enum_type(AeCategory, 32))
     grade: int = Field(ge=1, le=5)
     onset_on: dt.date
-    attribution: str = Field(max_length=16)
+    attribution: Attribution = Field(sa_type=enum_type(Attribution, 16))
     serious: bool = False
     resolved_on: dt.date | None = None
     candidate_dlt: bool = False
     adjudication: Adjudication = Field(sa_type=enum_type(Adjudication), default=Adjudication.NOT_CANDIDATE)
     adjudication_reason: str | None = Field(default=None, max_length=200)
     reported_at: dt.datetime = _at()
-    dlt_screen: str | None = Field(default=None, max_length=24)  # candidate / not_candidate / needs_information
+    dlt_screen: DltScreen | None = Field(default=None, sa_type=enum_type(DltScreen, 24))
     dlt_rule: str | None = Field(default=None, max_length=200)  # the rule the screen applied, in words
     resolved_to_grade_1_within_72h: bool | None = None
     duration_days: int | None = None
@@ -242,15 +236,16 @@ class EscalationDecision(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     from_level: int
     history: str = Field(max_length=200)
-    recommended_action: str = Field(max_length=16)
+    recommended_action: Action = Field(sa_type=enum_type(Action, 16))
     recommended_level: int | None = None
-    chosen_action: str | None = Field(default=None, max_length=16)
+    chosen_action: Action | None = Field(default=None, sa_type=enum_type(Action, 16))
     chosen_level: int | None = None
     mtd: int | None = None
     rationale: str | None = Field(default=None, max_length=500)
     created_at: dt.datetime = _at()
     decided_at: dt.datetime | None = _at(default=None)
-    status: str = Field(default="waiting", max_length=16, sa_column_kwargs={"server_default": "waiting"})  # waiting / signed
+    status: DecisionStatus = Field(default=DecisionStatus.WAITING, sa_type=enum_type(DecisionStatus, 16),
+                                   sa_column_kwargs={"server_default": "waiting"})
     early_stop: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
     basis_at: dt.datetime | None = _at(default=None)  # the last counted DLT window closed (or the early stop), UTC
     review_flow_run_id: str | None = Field(default=None, max_length=36)
@@ -296,7 +291,7 @@ class NotificationOutbox(SQLModel, table=True):
     __tablename__ = "notification_outbox"
     id: int | None = Field(default=None, primary_key=True)
     dedup_key: str = Field(max_length=160, unique=True)
-    role: str = Field(max_length=32)
+    role: Role = Field(sa_type=enum_type(Role, 32))
     subject_id: str | None = Field(default=None, max_length=32)
     event: str = Field(max_length=64)
     title: str = Field(max_length=200)
