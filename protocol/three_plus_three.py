@@ -2,7 +2,10 @@
 
 A history is written in the outcome notation of the R package `escalation`: "1NNN 2NTN" means a
 cohort of three at level 1 with no DLT, then three at level 2 with one DLT (the second patient).
-`next_action` is a pure function of that history, so every decision can be replayed.
+`next_action` is a pure function of that history, so every decision can be replayed. It reads one
+group as one cohort, as the trial's own records write it; `next_action_in_full_notation` also reads
+the R package's full notation, where a level's patients may be one group and the last cohort may
+still be filling.
 """
 
 from __future__ import annotations
@@ -133,26 +136,60 @@ class Design:
         """Refuse a history that 3+3 could not have produced, with one sentence."""
         for i, c in enumerate(cohorts, start=1):
             before = cohorts[: i - 1]
-            rule = self.decide(before)
-            t = self.tallies(before)
-            where = f"history cohort {i} ('{c.dose_level}{c.outcomes}')"
-            if rule.action is Action.STOP:
-                raise HistoryError(f"{where} comes after 3+3 stopped the trial ({rule.reason})")
-            if c.n > self.cohort_size:
-                raise HistoryError(f"{where} has {c.n} patients; a cohort has {self.cohort_size}")
-            if c.n < self.cohort_size and t[c.dose_level].dlts + c.dlts < 2:
-                raise HistoryError(f"{where} has {c.n} patients; a cohort has {self.cohort_size} unless a second DLT at the level ends it early")
-            if c.n < self.cohort_size and not c.outcomes.endswith("T"):
-                raise HistoryError(f"{where} goes on after the second DLT ended it; list only patients dosed before the stop")
-            if c.dose_level == rule.dose_level:
-                continue
-            if t[c.dose_level].dlts >= 2:
-                raise HistoryError(f"{where} returns to level {c.dose_level}, already declared too toxic")
-            if c.dose_level > max((x.dose_level for x in before), default=0) + 1:
-                raise HistoryError(f"{where} skips a level: escalation goes one level at a time")
-            if t[c.dose_level].n == self.cohort_size and t[c.dose_level].dlts == 0 and rule.action is Action.ESCALATE:
-                raise HistoryError(f"{where} adds patients to level {c.dose_level}, which had 0 DLT in {self.cohort_size}; 3+3 escalates to level {rule.dose_level}")
-            raise HistoryError(f"{where} is at level {c.dose_level}, but 3+3 said {rule.action.value} at level {rule.dose_level} ({rule.reason})")
+            self._refuse_after_stop(i, c, before)
+            self._refuse_wrong_size(i, c, before)
+            self._refuse_wrong_level(i, c, before)
+
+    def _refuse_after_stop(self, i: int, c: Cohort, before: list[Cohort]) -> None:
+        rule = self.decide(before)
+        if rule.action is Action.STOP:
+            raise HistoryError(f"history cohort {i} ('{c.dose_level}{c.outcomes}') comes after 3+3 stopped the trial ({rule.reason})")
+
+    def _refuse_wrong_size(self, i: int, c: Cohort, before: list[Cohort]) -> None:
+        where = f"history cohort {i} ('{c.dose_level}{c.outcomes}')"
+        if c.n > self.cohort_size:
+            raise HistoryError(f"{where} has {c.n} patients; a cohort has {self.cohort_size}")
+        if c.n < self.cohort_size and self.tallies(before)[c.dose_level].dlts + c.dlts < 2:
+            raise HistoryError(f"{where} has {c.n} patients; a cohort has {self.cohort_size} unless a second DLT at the level ends it early")
+        if c.n < self.cohort_size and not c.outcomes.endswith("T"):
+            raise HistoryError(f"{where} goes on after the second DLT ended it; list only patients dosed before the stop")
+
+    def _refuse_wrong_level(self, i: int, c: Cohort, before: list[Cohort]) -> None:
+        rule = self.decide(before)
+        t = self.tallies(before)
+        where = f"history cohort {i} ('{c.dose_level}{c.outcomes}')"
+        if c.dose_level == rule.dose_level:
+            return
+        if t[c.dose_level].dlts >= 2:
+            raise HistoryError(f"{where} returns to level {c.dose_level}, already declared too toxic")
+        if c.dose_level > max((x.dose_level for x in before), default=0) + 1:
+            raise HistoryError(f"{where} skips a level: escalation goes one level at a time")
+        if t[c.dose_level].n == self.cohort_size and t[c.dose_level].dlts == 0 and rule.action is Action.ESCALATE:
+            raise HistoryError(f"{where} adds patients to level {c.dose_level}, which had 0 DLT in {self.cohort_size}; 3+3 escalates to level {rule.dose_level}")
+        raise HistoryError(f"{where} is at level {c.dose_level}, but 3+3 said {rule.action.value} at level {rule.dose_level} ({rule.reason})")
+
+    def split_groups(self, groups: list[Cohort]) -> list[Cohort]:
+        """The R package's full notation: a group of a level's patients ('1NTNNNN') is its cohorts in
+        order ('1NTN 1NNN'); the last one may be short."""
+        k = self.cohort_size
+        return [Cohort(g.dose_level, g.outcomes[i:i + k]) for g in groups for i in range(0, g.n, k)]
+
+    def next_action_in_full_notation(self, history: str) -> Decision:
+        """Like `next_action`, for a history in the R package's full notation: groups of any size are
+        split into cohorts, and a history may end inside a cohort ('1NNN 2NT': enrol 1 more at level 2)."""
+        cohorts = self.split_groups(self.parse(history))
+        last = cohorts[-1] if cohorts else None
+        if last is None or last.n >= self.cohort_size or self.tallies(cohorts)[last.dose_level].dlts >= 2:
+            self.validate(cohorts)
+            return self.decide(cohorts)
+        before = cohorts[:-1]
+        self.validate(before)
+        self._refuse_after_stop(len(cohorts), last, before)
+        self._refuse_wrong_level(len(cohorts), last, before)
+        more = self.cohort_size - last.n
+        return Decision(Action.ENROLL, last.dose_level, more, None,
+                        f"the cohort at level {last.dose_level} has {last.n} of {self.cohort_size} patients "
+                        f"({last.dlts} DLT): enrol {more} more at level {last.dose_level}")
 
     def next_action(self, history: str) -> Decision:
         cohorts = self.parse(history)

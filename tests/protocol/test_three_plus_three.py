@@ -115,3 +115,57 @@ def test_the_same_history_gives_the_same_decision_when_replayed(path):
     cohorts, final = path
     assert DESIGN.next_action(" ".join(cohorts)) == final
     assert DESIGN.next_action("  " + "   ".join(cohorts) + " ") == final
+
+
+@pytest.mark.parametrize(
+    ("history", "action", "level", "patients", "mtd"),
+    [
+        ("", Action.ENROLL, 1, 3, None),
+        ("1N", Action.ENROLL, 1, 2, None),
+        ("1NTNNNN", Action.ESCALATE, 2, 3, None),
+        ("1NNN 2NT", Action.ENROLL, 2, 1, None),
+        ("1NNN 2NTNNNN", Action.ESCALATE, 3, 3, None),
+        ("1NNN 2NTNNN", Action.ENROLL, 2, 1, None),
+        ("1NNN 2NNN 3NNNNNN", Action.STOP, None, 0, 3),
+        ("1NNN 2NNN 3NNNNT", Action.ENROLL, 3, 1, None),
+        ("1NNN 2TT", Action.DEESCALATE, 1, 3, None),
+        ("1NTNT", Action.STOP, None, 0, None),
+        ("1NNN 2NNN 3TT 2NN", Action.ENROLL, 2, 1, None),
+    ],
+)
+def test_the_full_notation_reads_a_level_as_one_group_and_a_cohort_still_filling(history, action, level, patients, mtd):
+    d = DESIGN.next_action_in_full_notation(history)
+    assert (d.action, d.dose_level, d.patients, d.mtd) == (action, level, patients, mtd)
+    assert d.reason
+
+
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [
+        ("1NNN 3N", "skips a level"),
+        ("1NNNN", "adds patients to level 1, which had 0 DLT in 3"),
+        ("1TT 1N", "after 3+3 stopped"),
+        ("1NTTN", "after 3+3 stopped"),
+        ("1NNN 2NNN 3NTT 3N", "goes on after the second DLT ended it"),
+        ("1NNX", "unknown letter 'X'"),
+        ("1TNN 2N", "is at level 2, but 3+3 said expand at level 1"),
+    ],
+)
+def test_the_full_notation_still_refuses_impossible_histories_in_one_sentence(history, message):
+    with pytest.raises(HistoryError, match=re.escape(message)) as err:
+        DESIGN.next_action_in_full_notation(history)
+    assert "\n" not in str(err.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(trial_paths())
+def test_writing_a_levels_cohorts_as_one_group_changes_no_decision(path):
+    cohorts, final = path
+    grouped: list[str] = []
+    for c in cohorts:
+        if grouped and grouped[-1][0] == c[0]:
+            grouped[-1] += c[1:]
+        else:
+            grouped.append(c)
+    assert DESIGN.next_action_in_full_notation(" ".join(cohorts)) == final
+    assert DESIGN.next_action_in_full_notation(" ".join(grouped)) == final
