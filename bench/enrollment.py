@@ -31,15 +31,15 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows.enrollment import EnrollmentRequest, enroll_patient  # noqa: E402
 from flows.rounds import RoundsOptions, daily_rounds  # noqa: E402
 from flows.treatment import patient_treatment, treatment_event  # noqa: E402
+from models.clock import VirtualClock, use_clock  # noqa: E402
 from models.crud import register_protocol  # noqa: E402
 from models.db import UnitOfWork  # noqa: E402
 from models.migrate import upgrade  # noqa: E402
 from models.tables import CalendarEventRow, DoseLevelState, Enrollment, EventStatus, Subject, SubjectStatus  # noqa: E402
-from models.clock import VirtualClock, use_clock  # noqa: E402
-from tasks.runtime import protocol, trial_engine  # noqa: E402
 from protocol.calendar import compute_calendar  # noqa: E402
 from protocol.eligibility import ScreeningRecord  # noqa: E402
 from protocol.reminders import reminder_for  # noqa: E402
+from tasks.runtime import protocol, trial_engine  # noqa: E402
 
 EXAMPLE = json.loads((ROOT / "examples" / "screening-S-001.json").read_text())
 START = dt.datetime(2027, 1, 20, 1, 0, tzinfo=dt.timezone.utc)

@@ -28,9 +28,9 @@ from prefect.flow_engine import run_flow  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings  # noqa: E402
 from prefect.states import Pending  # noqa: E402
 
+from nktrial.rehearsal import rehearse  # noqa: E402
 from nktrial.scenario import load  # noqa: E402
 from nktrial.server import local_server  # noqa: E402
-from nktrial.simulate import rehearse  # noqa: E402
 from protocol.definition import load_protocol  # noqa: E402
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import typing
 from collections.abc import Callable
 
 from prefect import get_run_logger, task
@@ -10,10 +12,10 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from models.clock import current_clock
-from tasks.runtime import protocol, trial_engine
-from tasks.settings import get_settings
 from protocol.errors import UserError
 from tasks.delivery import deliver_pending, load_channels
+from tasks.runtime import protocol, trial_engine
+from tasks.settings import get_settings
 
 __all__ = ["UserError", "current_clock", "deliver_notices", "protocol", "refuses_user_errors", "run_link", "trial_engine"]
 
@@ -45,7 +47,8 @@ def deliver_notices(ids: list[int] | None = None) -> None:
 def refuses_user_errors(fn: Callable) -> Callable:
     """A flow body whose UserError ends the run Failed with the sentence as its message: no traceback.
 
-    Put it under @flow, so that Prefect still reads the body's parameters for the form.
+    Put it under @flow, so that Prefect still reads the body's parameters for the form. The body's
+    annotations are resolved in its own module, so a flow module may use postponed annotations.
     """
 
     @functools.wraps(fn)
@@ -56,4 +59,6 @@ def refuses_user_errors(fn: Callable) -> Callable:
             get_run_logger().error(str(exc))
             return Failed(message=str(exc))
 
+    body.__annotations__ = typing.get_type_hints(fn)
+    body.__signature__ = inspect.signature(fn, eval_str=True)
     return body

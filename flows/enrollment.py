@@ -6,13 +6,14 @@ import datetime as dt
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Completed, Failed
+from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from flows.common import UserError, current_clock, deliver_notices, protocol, run_link, trial_engine
+from flows.common import current_clock, deliver_notices, protocol, refuses_user_errors, run_link, trial_engine
 from flows.treatment import SubjectRef, patient_treatment
-from protocol.eligibility import ScreeningRecord, ScreeningResult
-from tasks.records import EnrollmentOutcome, EnrollmentStatus, enroll
+from protocol.eligibility import ScreeningRecord
+from tasks.enrollment import EnrollmentOutcome, EnrollmentStatus, enroll
+from tasks.reports import screening_markdown
 
 
 class EnrollmentRequest(BaseModel):
@@ -23,16 +24,6 @@ class EnrollmentRequest(BaseModel):
     recorded_by: str = Field(default="coordinator", description="staff ID of who enrolls (for the audit trail)")
 
 
-def screening_markdown(res: ScreeningResult) -> str:
-    mark = {True: "✅", False: "❌", None: "❔"}
-    lines = [f"# Screening {res.subject_id}: **{res.verdict.value.replace('_', ' ')}**", "",
-             f"Earliest permissible day 0: **{res.earliest_day0_on or 'unknown'}**"
-             + (" (at least; some washout data missing)" if res.earliest_day0_is_lower_bound else ""), "",
-             "| | criterion | status | value | limit |", "|---|---|---|---|---|"]
-    lines += [f"| {mark[c.allows_enrollment]} | {c.id} | {c.status.value} | {c.value} | {c.limit} |" for c in res.criteria]
-    return "\n".join(lines)
-
-
 @task(name="screen-and-allocate")
 def enroll_task(request: EnrollmentRequest) -> EnrollmentOutcome:
     return enroll(trial_engine(), protocol(), record=request.screening, planned_day0=request.planned_day0,
@@ -40,18 +31,14 @@ def enroll_task(request: EnrollmentRequest) -> EnrollmentOutcome:
 
 
 @flow(name="enroll-patient", flow_run_name="{request.screening.subject_id} · enrollment")
+@refuses_user_errors
 def enroll_patient(request: EnrollmentRequest):
     """Screen the candidate; if eligible, allocate a slot in the open cohort (or waitlist) and start treatment."""
-    logger = get_run_logger()
-    try:
-        outcome = enroll_task(request)
-    except UserError as exc:
-        logger.error(str(exc))
-        return Failed(message=str(exc))
+    outcome = enroll_task(request)
     sid = outcome.subject_id
     create_markdown_artifact(key=f"screening-{sid.lower()}".replace("_", "-"), markdown=screening_markdown(outcome.screening),
                              description=f"{sid} screening")
-    logger.info(outcome.message)
+    get_run_logger().info(outcome.message)
     if outcome.status is EnrollmentStatus.ENROLLED:
         patient_treatment(SubjectRef(subject_id=sid))
     else:

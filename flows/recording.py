@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 
-from prefect import flow, get_run_logger
-from prefect.states import Completed, Failed
+from prefect import flow
+from prefect.states import Completed
 from pydantic import BaseModel, Field
 
-from flows.common import UserError, current_clock, deliver_notices, protocol, run_link, trial_engine
+from flows.common import current_clock, protocol, refuses_user_errors, run_link, trial_engine
 from flows.treatment import SubjectRef, patient_treatment
 from models.tables import OffStudyReason
-from tasks import records
-from tasks.records import LabResultInput, VisitKind
+from protocol.recording import VisitKind
+from tasks import recording
+from tasks.recording import LabResultInput
 
 
 class _Recorded(BaseModel):
@@ -61,60 +62,45 @@ class OffStudyRequest(_Recorded):
     effective_on: dt.date
 
 
-def _refused(exc: UserError):
-    get_run_logger().error(str(exc))
-    return Failed(message=str(exc))
-
-
 @flow(name="record-infusion", flow_run_name="{record.subject_id} · infusion {record.infusion_number} given")
+@refuses_user_errors
 def record_infusion(record: InfusionRecord):
-    try:
-        records.record_infusion(trial_engine(), protocol(), subject_id=record.subject_id, infusion_number=record.infusion_number,
-                                given_at=record.given_at, dose_level=record.dose_level, cells_infused=record.cells_infused,
-                                product_lot=record.product_lot, deviation_reason=record.deviation_reason,
-                                actor=record.recorded_by, clock=current_clock(), link=run_link())
-    except UserError as exc:
-        return _refused(exc)
+    recording.record_infusion(trial_engine(), protocol(), subject_id=record.subject_id, infusion_number=record.infusion_number,
+                              given_at=record.given_at, dose_level=record.dose_level, cells_infused=record.cells_infused,
+                              product_lot=record.product_lot, deviation_reason=record.deviation_reason,
+                              actor=record.recorded_by, clock=current_clock(), link=run_link())
     patient_treatment(SubjectRef(subject_id=record.subject_id))  # re-anchored: move the runs
     return Completed(message=f"{record.subject_id}: NK infusion {record.infusion_number} recorded")
 
 
 @flow(name="record-il2-dose", flow_run_name="{record.subject_id} · IL-2 dose {record.dose_number}")
+@refuses_user_errors
 def record_il2_dose(record: Il2DoseRecord):
-    try:
-        records.record_il2_dose(trial_engine(), protocol(), subject_id=record.subject_id, dose_number=record.dose_number,
-                                given=record.given, given_at=record.given_at, missed_reason=record.missed_reason,
-                                deviation_reason=record.deviation_reason, actor=record.recorded_by, clock=current_clock())
-    except UserError as exc:
-        return _refused(exc)
+    recording.record_il2_dose(trial_engine(), protocol(), subject_id=record.subject_id, dose_number=record.dose_number,
+                              given=record.given, given_at=record.given_at, missed_reason=record.missed_reason,
+                              deviation_reason=record.deviation_reason, actor=record.recorded_by, clock=current_clock())
     return Completed(message=f"{record.subject_id}: IL-2 dose {record.dose_number} recorded as {'given' if record.given else 'missed'}")
 
 
 @flow(name="record-visit", flow_run_name="{record.subject_id} · {record.visit.value} done")
+@refuses_user_errors
 def record_visit(record: VisitRecord):
-    try:
-        records.record_visit(trial_engine(), protocol(), subject_id=record.subject_id, visit=record.visit, done_on=record.done_on,
-                             deviation_reason=record.deviation_reason, actor=record.recorded_by, clock=current_clock())
-    except UserError as exc:
-        return _refused(exc)
+    recording.record_visit(trial_engine(), protocol(), subject_id=record.subject_id, visit=record.visit, done_on=record.done_on,
+                           deviation_reason=record.deviation_reason, actor=record.recorded_by, clock=current_clock())
     return Completed(message=f"{record.subject_id}: {record.visit.value} recorded")
 
 
 @flow(name="record-lab-result", flow_run_name="{record.result.subject_id} · {record.result.kind.value}")
+@refuses_user_errors
 def record_lab_result(record: LabRecord):
-    try:
-        records.record_lab_result(trial_engine(), protocol(), result=record.result, actor=record.recorded_by, clock=current_clock())
-    except UserError as exc:
-        return _refused(exc)
+    recording.record_lab_result(trial_engine(), protocol(), result=record.result, actor=record.recorded_by, clock=current_clock())
     return Completed(message=f"{record.result.subject_id}: {record.result.kind.value} recorded")
 
 
 @flow(name="off-study", flow_run_name="{request.subject_id} · off study")
+@refuses_user_errors
 def off_study(request: OffStudyRequest):
-    try:
-        n = records.take_off_study(trial_engine(), protocol(), subject_id=request.subject_id, reason=request.reason,
-                                   effective_on=request.effective_on, actor=request.recorded_by, clock=current_clock(), link=run_link())
-    except UserError as exc:
-        return _refused(exc)
+    n = recording.take_off_study(trial_engine(), protocol(), subject_id=request.subject_id, reason=request.reason,
+                                 effective_on=request.effective_on, actor=request.recorded_by, clock=current_clock(), link=run_link())
     patient_treatment(SubjectRef(subject_id=request.subject_id))  # cancels the scheduled runs
     return Completed(message=f"{request.subject_id} off study ({request.reason.value}): {n} planned events cancelled")

@@ -10,9 +10,10 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
-from models.queries import trial_instance
-from tasks.projection import TREATMENT_EVENT, reconcile, scheduled_runs, wanted_runs
-from tasks.records import RoundsReport, daily_rounds as rounds
+from tasks.projection import project
+from tasks.reports import rounds_markdown
+from tasks.rounds import RoundsReport
+from tasks.rounds import daily_rounds as rounds
 
 
 class RoundsOptions(BaseModel):
@@ -29,7 +30,7 @@ def rounds_task() -> RoundsReport:
 
 @task(name="pi-reminders")
 def pi_reminders_task() -> tuple[int, int]:
-    from tasks.safety import pi_reminders
+    from tasks.escalation_gate import pi_reminders
 
     return pi_reminders(trial_engine(), protocol(), clock=current_clock(), link=run_link())
 
@@ -37,32 +38,11 @@ def pi_reminders_task() -> tuple[int, int]:
 @task(name="reconcile-projection")
 def reconcile_task(horizon_days: int) -> str:
     now = current_clock()()
-    horizon = now + dt.timedelta(days=horizon_days)
-    with Session(trial_engine()) as s:
-        wanted, instance = wanted_runs(s), trial_instance(s)
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(TREATMENT_EVENT)
-        existing = scheduled_runs(client, deployment.id, instance=instance, before=horizon)
-        report = reconcile(client, deployment.id, wanted, existing, now=now, horizon=horizon)
+        report = project(client, trial_engine(), now=now, horizon=now + dt.timedelta(days=horizon_days))
     for line in report.details[:50]:
         get_run_logger().info(line)
     return str(report)
-
-
-def rounds_markdown(r: RoundsReport, projection: str) -> str:
-    def items(pairs):
-        return ", ".join(f"{sid} {key}" for sid, key in pairs) or "none"
-
-    return "\n".join([
-        f"# Daily rounds {r.today}", "",
-        f"- active patients: **{r.active_patients}**",
-        f"- IL-2 due today ({len(r.il2_due)}): {items(r.il2_due)}",
-        f"- IL-2 missed yesterday ({len(r.il2_missed)}): {items(r.il2_missed)}",
-        f"- visits whose window closes today, not done ({len(r.visits_closing)}): {items(r.visits_closing)}",
-        f"- overdue ({len(r.overdue)}): {items(r.overdue[:50])}",
-        f"- notices written: {r.notices}",
-        f"- Prefect projection: {projection}",
-    ])
 
 
 @task(name="refresh-reports")
@@ -70,8 +50,8 @@ def reports_task() -> str:
     """Swimmer plot, dashboard, PK, 3-month outcomes as artifacts; those and the exports as files."""
     import base64
 
-    from tasks.settings import get_settings
     from tasks.reports import write_all
+    from tasks.settings import get_settings
 
     folder = get_settings().data_dir.resolve() / "reports"
     with Session(trial_engine()) as s:

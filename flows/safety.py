@@ -12,20 +12,20 @@ from prefect.deployments import run_deployment
 from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
+from prefect.states import Completed
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from flows.common import UserError, current_clock, deliver_notices, protocol, run_link, trial_engine
-from models.db import UnitOfWork
-from models.tables import EscalationDecision
-from tasks.settings import get_settings
-from protocol.three_plus_three import Action
-from tasks import safety
-from tasks.delivery import load_channels, send_direct
+from flows.common import current_clock, deliver_notices, protocol, refuses_user_errors, run_link, trial_engine
+from models.queries import trial_instance
+from models.tables import DecisionStatus, EscalationDecision
 from protocol.roles import Role
-from tasks.notices import Notice, NoticeEvent, enqueue
-from tasks.safety import AeReport, AeUpdate
+from protocol.three_plus_three import Action
+from tasks import adverse_events, escalation_gate, signatures
+from tasks.adverse_events import AeReport, AeUpdate
+from tasks.delivery import load_channels, send_direct
+from tasks.reports import cohort_status_table, next_cohort_table, review_markdown
+from tasks.settings import get_settings
 
 
 class AdjudicationRequest(BaseModel):
@@ -52,12 +52,14 @@ class PiDecision(RunInput):
     signing_code: str = Field(min_length=1, max_length=32, description="the one-time code sent to your PI channel")
 
 
+def _trial_instance() -> str:
+    with Session(trial_engine()) as s:
+        return trial_instance(s)
+
+
 def start_cohort_review(history: str) -> None:
     """Start the review once per outcome history (idempotency key), as its own run the PI can find."""
-    from models.queries import trial_instance
-
-    with Session(trial_engine()) as s:
-        instance = trial_instance(s)
+    instance = _trial_instance()
     # Scheduled at the trial clock's now (the wall clock in production): a rehearsal's review is never due for a worker's wall clock.
     run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, idempotency_key=f"{instance}:cohort-review:{history}",
                          scheduled_time=current_clock()(),
@@ -67,53 +69,48 @@ def start_cohort_review(history: str) -> None:
 
 def review_if_ready() -> None:
     """Start the cohort review if the newest cohort is ready (its windows closed, or a second DLT)."""
-    with Session(trial_engine()) as s:
-        state = safety.trial_state(s, protocol())
+    state = escalation_gate.read_trial_state(trial_engine(), protocol())
     if state.ready:
         start_cohort_review(state.history)
 
 
+def _schedule_sae_deadline(subject_id: str, ae_id: int) -> None:
+    """The SAE reminder run, due before the reporting deadline."""
+    p = protocol().notifications
+    remind_at = current_clock()() + dt.timedelta(hours=p.sae_report_deadline_hours - p.sae_reminder_before_deadline_hours)
+    instance = _trial_instance()
+    run_deployment("sae-deadline/sae-deadline", parameters={"ae": {"ae_id": ae_id}}, scheduled_time=remind_at, timeout=0,
+                   as_subflow=False, idempotency_key=f"{instance}:sae-deadline:{ae_id}",
+                   flow_run_name=f"{subject_id} · SAE deadline", tags=[f"subject:{subject_id}", f"trial:{instance}"])
+
+
 @flow(name="report-adverse-event", flow_run_name="{report.subject_id} · adverse event")
+@refuses_user_errors
 def report_adverse_event(report: AeReport):
     """Record an AE and screen it against the DLT rules; a candidate DLT reaches the PI at once."""
-    try:
-        outcome = safety.report_adverse_event(trial_engine(), protocol(), report=report, actor="investigator", clock=current_clock(),
-                                              link=run_link())
-    except UserError as exc:
-        get_run_logger().error(str(exc))
-        return Failed(message=str(exc))
+    outcome = adverse_events.report_adverse_event(trial_engine(), protocol(), report=report, actor="investigator", clock=current_clock(),
+                                                  link=run_link())
     deliver_notices()
     if outcome.serious:
-        p = protocol().notifications
-        remind_at = current_clock()() + dt.timedelta(hours=p.sae_report_deadline_hours - p.sae_reminder_before_deadline_hours)
-        from models.queries import trial_instance
-
-        with Session(trial_engine()) as s:
-            instance = trial_instance(s)
-        run_deployment("sae-deadline/sae-deadline", parameters={"ae": {"ae_id": outcome.ae_id}}, scheduled_time=remind_at, timeout=0,
-                       as_subflow=False, idempotency_key=f"{instance}:sae-deadline:{outcome.ae_id}",
-                       flow_run_name=f"{report.subject_id} · SAE deadline", tags=[f"subject:{report.subject_id}", f"trial:{instance}"])
+        _schedule_sae_deadline(report.subject_id, outcome.ae_id)
     return Completed(message=f"AE {outcome.ae_id} for {outcome.subject_id}: DLT screen {outcome.screen.value} ({outcome.rule})")
 
 
 @flow(name="update-adverse-event", flow_run_name="AE {update.ae_id} · update")
+@refuses_user_errors
 def update_adverse_event(update: AeUpdate):
-    try:
-        outcome = safety.update_adverse_event(trial_engine(), protocol(), update=update, actor="investigator", clock=current_clock(),
-                                              link=run_link())
-    except UserError as exc:
-        return Failed(message=str(exc))
+    outcome = adverse_events.update_adverse_event(trial_engine(), protocol(), update=update, actor="investigator", clock=current_clock(),
+                                                  link=run_link())
     deliver_notices()
     return Completed(message=f"AE {outcome.ae_id}: DLT screen {outcome.screen.value} ({outcome.rule})")
 
 
 @flow(name="adjudicate-dlt", flow_run_name="AE {request.ae_id} · DLT adjudication")
+@refuses_user_errors
 def adjudicate_dlt(request: AdjudicationRequest):
-    try:
-        early_stop = safety.adjudicate_dlt(trial_engine(), protocol(), ae_id=request.ae_id, confirm=request.confirm, reason=request.reason,
-                                           investigator_id=request.investigator_id, clock=current_clock(), link=run_link())
-    except UserError as exc:
-        return Failed(message=str(exc))
+    early_stop = adverse_events.adjudicate_dlt(trial_engine(), protocol(), ae_id=request.ae_id, confirm=request.confirm,
+                                               reason=request.reason, investigator_id=request.investigator_id, clock=current_clock(),
+                                               link=run_link())
     review_if_ready()  # a second DLT at a level ends the cohort at once
     verdict = "confirmed" if request.confirm else "rejected"
     return Completed(message=f"AE {request.ae_id}: DLT {verdict}" + ("; 2 DLTs at the level: cohort review started" if early_stop else ""))
@@ -121,23 +118,23 @@ def adjudicate_dlt(request: AdjudicationRequest):
 
 @flow(name="sae-deadline", flow_run_name="AE {ae.ae_id} · SAE deadline")
 def sae_deadline(ae: AeRef) -> str:
-    why = safety.sae_deadline_check(trial_engine(), protocol(), ae_id=ae.ae_id, clock=current_clock(), link=run_link())
+    why = adverse_events.sae_deadline_check(trial_engine(), protocol(), ae_id=ae.ae_id, clock=current_clock(), link=run_link())
     deliver_notices()
     return why
 
 
 @task(name="open-review")
 def open_review_task() -> EscalationDecision | None:
-    return safety.open_review(trial_engine(), protocol(), clock=current_clock())
+    return escalation_gate.open_review(trial_engine(), protocol(), clock=current_clock())
 
 
 def _send_code_if_needed(d: EscalationDecision) -> None:
     engine = trial_engine()
-    if safety.has_live_code(engine, decision_id=d.id, now=current_clock()()):
+    if signatures.has_live_code(engine, decision_id=d.id, now=current_clock()()):
         return
-    code = safety.issue_signing_code(engine, protocol(), decision_id=d.id, clock=current_clock())
+    code = signatures.issue_signing_code(engine, protocol(), decision_id=d.id, clock=current_clock())
     channels = load_channels(get_settings().apprise_config)
-    sent = send_direct(channels, "pi", title=f"[NCT06641648] cohort review DL{d.from_level}: signing code",
+    sent = send_direct(channels, Role.PI, title=f"[NCT06641648] cohort review DL{d.from_level}: signing code",
                        body=f"trial · signing code {code} · cohort review DL{d.from_level}, decision {d.id} · {run_link()}")
     logger = get_run_logger()
     if sent:
@@ -146,48 +143,47 @@ def _send_code_if_needed(d: EscalationDecision) -> None:
         logger.warning("no PI channel took the signing code; issue one at the site terminal with: nktrial escalation code --decision %d", d.id)
 
 
-@flow(name="cohort-review", flow_run_name="cohort review")
-def cohort_review() -> str:
-    """Compute the 3+3 recommendation from adjudicated outcomes and wait, suspended, for the PI's signed decision."""
-    logger = get_run_logger()
-    d = open_review_task()
-    if d is None:
-        return "no cohort is ready for review"
-    if d.status == "signed":
-        return f"decision {d.id} is already signed"
-    p, engine = protocol(), trial_engine()
-    with Session(engine) as s:
-        state = safety.trial_state(s, p)
-    with UnitOfWork(engine, actor="system:cohort-review", reason="review run recorded", clock=current_clock()) as u:
-        row = u.session.get(EscalationDecision, d.id)
-        if row.review_flow_run_id != str(flow_run.id):
-            row.review_flow_run_id = str(flow_run.id)
-            u.session.add(row)
-            u.commit()
-    create_table_artifact(key=f"cohort-status-dl{d.from_level}", table=safety.cohort_status_table(state),
+def _publish_review(d: EscalationDecision, state) -> None:
+    """The cohort status table and the review text as artifacts of this run."""
+    create_table_artifact(key=f"cohort-status-dl{d.from_level}", table=cohort_status_table(state),
                           description=f"Cohort status at DL{d.from_level}: `{d.history}`")
-    md = safety.review_markdown(p, state, d)
-    table = safety.next_cohort_table(p, state)
+    md, table = review_markdown(protocol(), state, d), next_cohort_table(protocol(), state)
     create_markdown_artifact(key=f"cohort-review-dl{d.from_level}", markdown=md + ("\n\n" + table if table else ""),
                              description=f"Cohort review DL{d.from_level}")
-    with UnitOfWork(engine, actor="system:cohort-review", reason="review waiting", clock=current_clock()) as u:
-        for role in (Role.PI, Role.COORDINATOR):
-            enqueue(u.session, Notice(role, NoticeEvent.REVIEW_WAITING, detail=f"DL{d.from_level}, recommended {d.recommended_action}",
-                                      link=run_link()), dedup=f"decision-{d.id}:review-open", at=u.at)
-        u.commit()
-    deliver_notices()
+
+
+def _wait_for_signature(d: EscalationDecision, state):
+    """Suspend for the PI's form until a signature is accepted; each refusal is shown on the next form."""
     attempt, refused = 0, None
     while True:
         _send_code_if_needed(d)
-        form = suspend_flow_run(wait_for_input=PiDecision.with_initial_data(description=safety.review_markdown(p, state, d, refused)),
+        form = suspend_flow_run(wait_for_input=PiDecision.with_initial_data(description=review_markdown(protocol(), state, d, refused)),
                                 key=f"decision-{d.id}-{attempt}", timeout=None)
-        outcome = safety.sign_decision(engine, p, decision_id=d.id, signer_id=form.signer_id, printed_name=form.printed_name,
-                                       action=Action(form.decision), rationale=form.rationale, code=form.signing_code, meaning=form.meaning,
-                                       attempt_key=f"ui-{attempt}", clock=current_clock(), link=run_link())
+        outcome = signatures.sign_decision(trial_engine(), protocol(), decision_id=d.id, signer_id=form.signer_id,
+                                           printed_name=form.printed_name, action=Action(form.decision), rationale=form.rationale,
+                                           code=form.signing_code, meaning=form.meaning, attempt_key=f"ui-{attempt}",
+                                           clock=current_clock(), link=run_link())
         if outcome.accepted:
-            break
-        logger.warning("signature refused: %s", outcome.reason)
+            return outcome
+        get_run_logger().warning("signature refused: %s", outcome.reason)
         refused, attempt = outcome.reason, attempt + 1
+
+
+@flow(name="cohort-review", flow_run_name="cohort review")
+def cohort_review() -> str:
+    """Compute the 3+3 recommendation from adjudicated outcomes and wait, suspended, for the PI's signed decision."""
+    d = open_review_task()
+    if d is None:
+        return "no cohort is ready for review"
+    if d.status == DecisionStatus.SIGNED:
+        return f"decision {d.id} is already signed"
+    engine = trial_engine()
+    state = escalation_gate.read_trial_state(engine, protocol())
+    escalation_gate.record_review_run(engine, decision_id=d.id, flow_run_id=str(flow_run.id), clock=current_clock())
+    _publish_review(d, state)
+    escalation_gate.announce_review(engine, d, clock=current_clock(), link=run_link())
     deliver_notices()
-    logger.info("decision %d %s", d.id, outcome.reason)
+    outcome = _wait_for_signature(d, state)
+    deliver_notices()
+    get_run_logger().info("decision %d %s", d.id, outcome.reason)
     return outcome.reason

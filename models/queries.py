@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from sqlmodel import Session, func, select
 
 from models.tables import (
-    Administration, AdministrationKind, CalendarEventRow, DoseLevelState, Enrollment, LevelStatus, ProtocolVersion, Subject,
+    Administration,
+    AdministrationKind,
+    CalendarEventRow,
+    DoseLevelState,
+    Enrollment,
+    LevelStatus,
+    ProtocolVersion,
+    Subject,
     SubjectStatus,
 )
 from protocol.calendar import EventKey

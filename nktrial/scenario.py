@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from models.tables import OffStudyReason
 from protocol.dlt import AeCategory, Attribution
 from protocol.errors import UserError, first_validation_error
+from protocol.recording import MrdStatus, Response
 from protocol.three_plus_three import Action
-from tasks.records import MrdStatus, Response
 
 SHIPPED = Path(__file__).resolve().parents[1] / "examples" / "scenarios"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import product
 
-from protocol.three_plus_three import Action, Cohort, Decision, Design
+from protocol.three_plus_three import Action, Cohort, Decision, Design, too_toxic
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def _cohort_outcomes(size: int, dlts_before: int) -> list[str]:
         seq = ""
         for letter in letters:
             seq += letter
-            if dlts_before + seq.count("T") >= 2:
+            if too_toxic(dlts_before + seq.count("T")):
                 break
         out.add(seq)
     return sorted(out)

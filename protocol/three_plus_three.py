@@ -30,6 +30,14 @@ class Action(StrEnum):
     STOP = "stop"
 
 
+TOO_TOXIC_DLTS = 2  # DLTs that make a dose level too toxic, in 3 or in 6; they end its cohort at once
+
+
+def too_toxic(dlts: int) -> bool:
+    """Two DLTs at a level make it too toxic: stop escalating, and end its cohort without waiting."""
+    return dlts >= TOO_TOXIC_DLTS
+
+
 BOLDNESS = {Action.ESCALATE: 3, Action.ENROLL: 2, Action.EXPAND: 2, Action.DEESCALATE: 1, Action.STOP: 0}
 
 
@@ -106,10 +114,10 @@ class Design:
         lvl = cohorts[-1].dose_level
         n, d = t[lvl].n, t[lvl].dlts
         top = lvl == self.num_levels
-        above_toxic = not top and t[lvl + 1].dlts >= 2
+        above_toxic = not top and too_toxic(t[lvl + 1].dlts)
         tally = f"{d} DLT in {n} at level {lvl}"
         # (dlts, n) -> decision; the table reads top to bottom, first match wins.
-        if d >= 2:
+        if too_toxic(d):
             if lvl == 1:
                 return Decision(Action.STOP, None, 0, None, f"{tally}: level 1 is too toxic; stop with no tolerable dose")
             below = t[lvl - 1]
@@ -149,7 +157,7 @@ class Design:
         where = f"history cohort {i} ('{c.dose_level}{c.outcomes}')"
         if c.n > self.cohort_size:
             raise HistoryError(f"{where} has {c.n} patients; a cohort has {self.cohort_size}")
-        if c.n < self.cohort_size and self.tallies(before)[c.dose_level].dlts + c.dlts < 2:
+        if c.n < self.cohort_size and not too_toxic(self.tallies(before)[c.dose_level].dlts + c.dlts):
             raise HistoryError(f"{where} has {c.n} patients; a cohort has {self.cohort_size} unless a second DLT at the level ends it early")
         if c.n < self.cohort_size and not c.outcomes.endswith("T"):
             raise HistoryError(f"{where} goes on after the second DLT ended it; list only patients dosed before the stop")
@@ -160,7 +168,7 @@ class Design:
         where = f"history cohort {i} ('{c.dose_level}{c.outcomes}')"
         if c.dose_level == rule.dose_level:
             return
-        if t[c.dose_level].dlts >= 2:
+        if too_toxic(t[c.dose_level].dlts):
             raise HistoryError(f"{where} returns to level {c.dose_level}, already declared too toxic")
         if c.dose_level > max((x.dose_level for x in before), default=0) + 1:
             raise HistoryError(f"{where} skips a level: escalation goes one level at a time")
@@ -179,7 +187,7 @@ class Design:
         split into cohorts, and a history may end inside a cohort ('1NNN 2NT': enrol 1 more at level 2)."""
         cohorts = self.split_groups(self.parse(history))
         last = cohorts[-1] if cohorts else None
-        if last is None or last.n >= self.cohort_size or self.tallies(cohorts)[last.dose_level].dlts >= 2:
+        if last is None or last.n >= self.cohort_size or too_toxic(self.tallies(cohorts)[last.dose_level].dlts):
             self.validate(cohorts)
             return self.decide(cohorts)
         before = cohorts[:-1]

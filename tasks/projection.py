@@ -1,9 +1,10 @@
 """Project the trial database's calendar into Prefect as Scheduled runs of treatment-event.
 
 The trial database is the system of record; these runs are a projection that can be rebuilt at
-any time. `reconcile` compares what should exist with what does and makes the difference:
-create missing runs (idempotency key = subject + event + anchor version), move runs whose event
-moved, cancel runs whose event was done, cancelled, or whose patient left the study.
+any time. `project` reads both sides and reconciles them. `reconcile` compares what should exist
+with what does and makes the difference: create missing runs (idempotency key = subject + event +
+anchor version), move runs whose event moved, cancel runs whose event was done, cancelled, or
+whose patient left the study.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prefect.client.schemas.filters import (
-    DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterNextScheduledStartTime, FlowRunFilterState,
-    FlowRunFilterStateType, FlowRunFilterTags,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterNextScheduledStartTime,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
@@ -142,6 +148,22 @@ def reconcile(
         report.created += 1
         report.details.append(f"created {spec.name} at {max(spec.trigger_at, now):%Y-%m-%d %H:%M} UTC")
     return report
+
+
+def project(
+    client, engine, *, now: dt.datetime, subject_id: str | None = None, horizon: dt.datetime | None = None,
+) -> ReconcileReport:
+    """Read what should be scheduled (one subject, or all), read what is, and reconcile the two.
+
+    With a horizon, only runs due before it are read and created (the daily check); without one,
+    the subject's whole projection is rebuilt (after its calendar changed).
+    """
+    with Session(engine) as s:
+        wanted = wanted_runs(s, None if subject_id is None else [subject_id])
+        instance = trial_instance(s)
+    deployment = client.read_deployment_by_name(TREATMENT_EVENT)
+    existing = scheduled_runs(client, deployment.id, instance=instance, subject_id=subject_id, before=horizon)
+    return reconcile(client, deployment.id, wanted, existing, now=now, horizon=horizon)
 
 
 def _create(client, deployment_id, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:

@@ -15,12 +15,26 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlmodel import Session, func, select
 
+from models.queries import get_subject
 from models.tables import (
-    DoseLevelState, Enrollment, EscalationDecision, LabKind, LabResult, Signature, Subject, WaitlistEntry,
+    CalendarEventRow,
+    DoseLevelState,
+    Enrollment,
+    EscalationDecision,
+    LabKind,
+    LabResult,
+    Signature,
+    Subject,
+    WaitlistEntry,
 )
+from protocol.calendar import EventKind
+from protocol.cohorts import TrialState, allowed_choices, design_for
 from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
-from tasks.safety import design_for, trial_state
+from protocol.eligibility import ScreeningResult
+from protocol.recording import site_today
+from protocol.three_plus_three import Action, Cohort
+from tasks.escalation_gate import trial_state
 
 
 def _pct(k: int, n: int) -> str:
@@ -120,7 +134,6 @@ class PkReport:
 
 
 def pk(session: Session) -> PkReport:
-    from models.tables import CalendarEventRow
 
     rows = session.exec(select(Subject.subject_id, Subject.dose_level, LabResult.value, LabResult.unit, CalendarEventRow.protocol_day)
                         .join(Subject, Subject.id == LabResult.subject_pk)
@@ -174,10 +187,6 @@ def outcomes(session: Session, protocol: ProtocolDefinition) -> Outcomes:
     return Outcomes(levels)
 
 
-def today_local(protocol: ProtocolDefinition, now: dt.datetime) -> dt.date:
-    return to_local(protocol.timezone, now).date()
-
-
 # -- everything, to a folder ----------------------------------------------------------------------
 
 @dataclass
@@ -194,7 +203,7 @@ def build(session: Session, protocol: ProtocolDefinition, *, now: dt.datetime) -
     """Every report, in memory (the artifacts need no files)."""
     from tasks.swimmer import swimmer_png
 
-    png = swimmer_png(session, protocol, today_local(protocol, now))
+    png = swimmer_png(session, protocol, site_today(protocol, now))
     return ReportSet("", [], dashboard(session, protocol).markdown(), pk(session).markdown(), outcomes(session, protocol).markdown(), png)
 
 
@@ -218,3 +227,110 @@ def write_all(session: Session, protocol: ProtocolDefinition, folder, *, now: dt
     files += sdtm_exports(session, protocol, folder / "sdtm")
     rs.folder, rs.files = str(folder), [str(f.relative_to(folder)) for f in files]
     return rs
+
+
+# -- the cohort review: what the PI reads before signing --------------------------------------------
+
+def review_markdown(protocol: ProtocolDefinition, state: TrialState, d: EscalationDecision, refused: str | None = None) -> str:
+    """What the PI needs on the Resume form: the tally, the recommendation, the rule, what each choice does."""
+    design = design_for(protocol)
+    tallies = design.tallies(state.cohorts)
+    k = design.cohort_size
+    lines = [f"## Cohort review — dose level {d.from_level}", "",
+             f"Outcome history (3+3 notation): `{d.history}`" + (" — **early stop: 2 DLTs at this level**" if d.early_stop else ""), "",
+             "| level | patients | DLTs |", "|---|---|---|"]
+    lines += [f"| DL{lv} | {t.n} | {t.dlts} |" for lv, t in tallies.items() if t.n]
+    rec = f"**{d.recommended_action}**" + (f" at DL{d.recommended_level}" if d.recommended_level else "") + (f", MTD DL{d.mtd}" if d.mtd else "")
+    lines += ["", f"3+3 recommends {rec}.", ""]
+    if state.recommendation:
+        lines += [f"Rule applied: {state.recommendation.reason}.", ""]
+    lines += ["What each choice does (you may choose the recommendation or a more cautious action):", ""]
+    lines += _choice_lines(d, k)
+    lines += ["", "Enter your signer ID, printed name, the decision, and the one-time code sent to your PI channel. "
+              "Your signature records your printed name, the UTC time, its meaning and the decision it signs."]
+    if refused:
+        lines += ["", f"**The previous attempt was refused:** {refused}"]
+    return "\n".join(lines)
+
+
+def _choice_lines(d: EscalationDecision, k: int) -> list[str]:
+    """One line a choice: what it does, and whether the PI may take it here (protocol.cohorts.allowed_choices)."""
+    choices = {
+        Action.ESCALATE: f"close DL{d.from_level}, open {k} slots at DL{d.from_level + 1}",
+        Action.EXPAND: f"open {k} more slots at DL{d.from_level}",
+        Action.DEESCALATE: f"close DL{d.from_level}, open {k} slots at DL{d.from_level - 1}" if d.from_level > 1 else "not possible at DL1",
+        Action.STOP: "close enrollment for the trial and tell everyone",
+    }
+    refusals = allowed_choices(Action(d.recommended_action), d.from_level, d.early_stop)
+    return [f"- `{action.value}` — {effect}" + ("" if refusals[action] is None else " *(not allowed here)*") for action, effect in choices.items()]
+
+
+def cohort_status_table(state: TrialState) -> list[dict]:
+    return [{"subject": p.subject_id, "dose level": p.dose_level, "cohort": p.cohort, "status": p.status,
+             "counts as": {"T": "DLT", "N": "no DLT"}.get(p.letter or "", "—")} for p in state.patients]
+
+
+def next_cohort_table(protocol: ProtocolDefinition, state: TrialState) -> str:
+    """The decision table for the next cohort: each possible outcome and where the rule would go."""
+    design = design_for(protocol)
+    rec = state.recommendation
+    if rec is None or rec.dose_level is None:
+        return ""
+    rows = ["| next cohort at DL%d | then 3+3 says |" % rec.dose_level, "|---|---|"]
+    for outcome in ("NNN", "TNN", "TTN"):
+        shown = outcome if outcome != "TTN" else "TT"
+        nxt = design.decide([*state.cohorts, Cohort(rec.dose_level, shown)])
+        where = f" DL{nxt.dose_level}" if nxt.dose_level else ""
+        mtd = f", MTD DL{nxt.mtd}" if nxt.mtd else ""
+        rows.append(f"| {outcome.count('T') if outcome != 'TTN' else '2+'} DLT | {nxt.action.value}{where}{mtd} |")
+    return "\n".join(rows)
+
+
+# -- a patient's schedule, screening and daily rounds (the flows' artifacts) ----------------------
+
+def schedule_table(session: Session, protocol: ProtocolDefinition, subject_id: str) -> list[dict]:
+    """The patient's whole plan, one row per event, in site-local time."""
+    subject = get_subject(session, subject_id=subject_id)
+    rows = session.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == subject.id)
+                        .order_by(CalendarEventRow.due_at)).all()
+    tz = protocol.timezone
+    return [
+        {
+            "day": r.protocol_day,
+            "date": r.local_on.isoformat(),
+            "time": f"{to_local(tz, r.due_at):%H:%M}",
+            "event": r.label,
+            "window": f"{r.window_start_on} – {r.window_end_on}" if r.window_start_on != r.window_end_on else "",
+            "status": r.status.value,
+            "reminder": (f"{to_local(tz, r.remind_at):%Y-%m-%d %H:%M}" if r.remind_at
+                         else "daily rounds" if r.kind is EventKind.IL2_DOSE else ""),
+        }
+        for r in rows
+    ]
+
+
+def screening_markdown(res: ScreeningResult) -> str:
+    mark = {True: "✅", False: "❌", None: "❔"}
+    lines = [f"# Screening {res.subject_id}: **{res.verdict.value.replace('_', ' ')}**", "",
+             f"Earliest permissible day 0: **{res.earliest_day0_on or 'unknown'}**"
+             + (" (at least; some washout data missing)" if res.earliest_day0_is_lower_bound else ""), "",
+             "| | criterion | status | value | limit |", "|---|---|---|---|---|"]
+    lines += [f"| {mark[c.allows_enrollment]} | {c.id} | {c.status.value} | {c.value} | {c.limit} |" for c in res.criteria]
+    return "\n".join(lines)
+
+
+def rounds_markdown(r, projection: str) -> str:
+    """Daily rounds (a `tasks.rounds.RoundsReport`) and the projection check, for the artifact."""
+    def items(pairs):
+        return ", ".join(f"{sid} {key}" for sid, key in pairs) or "none"
+
+    return "\n".join([
+        f"# Daily rounds {r.today}", "",
+        f"- active patients: **{r.active_patients}**",
+        f"- IL-2 due today ({len(r.il2_due)}): {items(r.il2_due)}",
+        f"- IL-2 missed yesterday ({len(r.il2_missed)}): {items(r.il2_missed)}",
+        f"- visits whose window closes today, not done ({len(r.visits_closing)}): {items(r.visits_closing)}",
+        f"- overdue ({len(r.overdue)}): {items(r.overdue[:50])}",
+        f"- notices written: {r.notices}",
+        f"- Prefect projection: {projection}",
+    ])

@@ -10,8 +10,8 @@ import functools
 import sqlalchemy as sa
 
 from models.db import make_engine
-from tasks.settings import get_settings
 from protocol.definition import ProtocolDefinition, load_protocol
+from tasks.settings import get_settings
 
 
 @functools.lru_cache(maxsize=8)

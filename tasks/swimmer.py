@@ -21,7 +21,15 @@ from matplotlib.patches import Patch  # noqa: E402
 from sqlmodel import Session, select  # noqa: E402
 
 from models.tables import (  # noqa: E402
-    Administration, AdministrationKind, AdverseEvent, Adjudication, CalendarEventRow, Enrollment, EventStatus, Subject, SubjectStatus,
+    Adjudication,
+    Administration,
+    AdministrationKind,
+    AdverseEvent,
+    CalendarEventRow,
+    Enrollment,
+    EventStatus,
+    Subject,
+    SubjectStatus,
 )
 from protocol.calendar import EventKey, EventKind  # noqa: E402
 from protocol.dates import to_local  # noqa: E402

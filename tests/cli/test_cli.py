@@ -73,6 +73,28 @@ def test_escalation_next_json(history, expected):
     assert {k: got[k] for k in expected} == expected
 
 
+@pytest.mark.parametrize(
+    ("history", "expected"),
+    [
+        ("1NTNNNN", {"action": "escalate", "dose_level": 2, "patients": 3}),
+        ("1NNN 2NT", {"action": "enroll", "dose_level": 2, "patients": 1}),
+        ("1N", {"action": "enroll", "dose_level": 1, "patients": 2}),
+    ],
+)
+def test_escalation_next_reads_the_r_packages_full_notation(history, expected):
+    out = nktrial("escalation", "next", history, "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_escalation_next_in_full_notation_still_refuses_an_impossible_history():
+    out = nktrial("escalation", "next", "1NNNN")
+    assert out.returncode == 2
+    assert "adds patients to level 1, which had 0 DLT in 3" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_db_upgrade_is_idempotent_and_status_reports_it(tmp_path):
     env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": ""}
     first = nktrial("db", "upgrade", env=env)

@@ -13,7 +13,7 @@ from models.db import make_engine
 from models.migrate import upgrade
 from models.tables import Enrollment, Subject, SubjectStatus, WaitlistEntry
 from protocol.eligibility import ScreeningRecord
-from tasks.records import EnrollmentStatus, enroll
+from tasks.enrollment import EnrollmentStatus, enroll
 
 EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
 NOW = dt.datetime(2027, 1, 20, 1, 0, tzinfo=dt.timezone.utc)
@@ -77,7 +77,7 @@ def test_a_sentinel_stagger_holds_the_next_patients_back(tmp_path, protocol):
 
 def test_a_waitlisted_patient_takes_the_slot_a_withdrawal_opens_and_leaves_the_waitlist(engine, protocol):
     from models.tables import DoseLevelState, OffStudyReason
-    from tasks.records import take_off_study
+    from tasks.recording import take_off_study
 
     for sid in ("S-001", "S-002", "S-003"):
         assert _enroll(engine, protocol, sid).status is EnrollmentStatus.ENROLLED

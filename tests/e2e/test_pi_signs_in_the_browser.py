@@ -23,13 +23,13 @@ from prefect.states import Scheduled
 from sqlmodel import Session, select
 
 from flows.safety import cohort_review
+from models.clock import VirtualClock, use_clock
 from models.migrate import upgrade
 from models.tables import DoseLevelState, LevelStatus, Signature
-from models.clock import VirtualClock, use_clock
 from nktrial.server import local_server
-from tasks.runtime import protocol, trial_engine
 from protocol.eligibility import ScreeningRecord
-from tasks import records
+from tasks import due_events, enrollment, recording
+from tasks.runtime import protocol, trial_engine
 
 ROOT = Path(__file__).parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -53,13 +53,13 @@ def _cohort_of_three_with_closed_windows(engine) -> None:
     example = json.loads((ROOT / "examples" / "screening-S-001.json").read_text())
     enrol_clock = VirtualClock(dt.datetime(2027, 1, 20, 1, tzinfo=UTC))
     for sid in ("S-301", "S-302", "S-303"):
-        records.enroll(engine, protocol(), record=ScreeningRecord.model_validate({**example, "subject_id": sid}),
+        enrollment.enroll(engine, protocol(), record=ScreeningRecord.model_validate({**example, "subject_id": sid}),
                        planned_day0=dt.datetime(2027, 1, 31, 9), actor="coord-1", clock=enrol_clock)
         for n, day in ((1, 0), (2, 14)):
-            records.record_infusion(engine, protocol(), subject_id=sid, infusion_number=n, dose_level=1, cells_infused=1e8,
+            recording.record_infusion(engine, protocol(), subject_id=sid, infusion_number=n, dose_level=1, cells_infused=1e8,
                                     given_at=dt.datetime(2027, 1, 31, 9) + dt.timedelta(days=day), product_lot=f"L-{sid}-{n}",
                                     actor="nurse-7", clock=lambda: dt.datetime(2027, 3, 31, tzinfo=UTC))
-        records.act_on_event(engine, protocol(), subject_id=sid, event_key="dlt_window_close",
+        due_events.act_on_event(engine, protocol(), subject_id=sid, event_key="dlt_window_close",
                              clock=lambda: dt.datetime(2027, 3, 1, tzinfo=UTC))
 
 

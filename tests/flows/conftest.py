@@ -12,21 +12,28 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import get_client  # noqa: E402
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags  # noqa: E402,E501
+from prefect.client.schemas.filters import (  # noqa: E402,E501
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import StateType  # noqa: E402
 from prefect.client.schemas.sorting import FlowRunSort  # noqa: E402
 from prefect.flow_engine import run_flow  # noqa: E402
-from prefect.states import Scheduled  # noqa: E402
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings  # noqa: E402
+from prefect.states import Scheduled  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.deployments import ALL_FLOWS  # noqa: E402
 from flows.treatment import treatment_event  # noqa: E402
-from models.migrate import upgrade  # noqa: E402
 from models.clock import VirtualClock, use_clock  # noqa: E402
-from tasks.runtime import trial_engine  # noqa: E402
-from tasks.projection import scheduled_at  # noqa: E402
+from models.migrate import upgrade  # noqa: E402
 from nktrial.receiver import Receiver  # noqa: E402
+from tasks.projection import scheduled_at  # noqa: E402
+from tasks.runtime import trial_engine  # noqa: E402
 
 ROLES = ["coordinator", "nurse", "pi", "cell-lab", "pharmacy", "safety"]
 

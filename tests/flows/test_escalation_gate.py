@@ -14,23 +14,31 @@ import sqlalchemy as sa
 from prefect import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
+from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
 from prefect.flow_runs import resume_flow_run
-from prefect.exceptions import Pause
 from prefect.states import Scheduled
 from sqlmodel import Session, select
 
-from flows.recording import InfusionRecord, record_infusion as record_infusion_flow
+from flows.recording import InfusionRecord
+from flows.recording import record_infusion as record_infusion_flow
 from flows.safety import AdjudicationRequest, adjudicate_dlt, cohort_review, report_adverse_event
 from models.tables import (
-    AdverseEvent, DoseLevelState, EscalationDecision, LevelStatus, Signature, SignatureAttempt, SigningCode, Subject,
+    AdverseEvent,
+    DoseLevelState,
+    EscalationDecision,
+    LevelStatus,
+    Signature,
+    SignatureAttempt,
+    SigningCode,
+    Subject,
 )
-from tasks.runtime import protocol
 from protocol.eligibility import ScreeningRecord
 from protocol.errors import UserError
 from protocol.three_plus_three import Action
-from tasks import records, safety
-from tasks.safety import AeReport
+from tasks import due_events, enrollment, escalation_gate, recording, signatures
+from tasks.adverse_events import AeReport
+from tasks.runtime import protocol
 
 EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
 UTC = dt.timezone.utc
@@ -39,14 +47,14 @@ DAY0 = dt.datetime(2027, 1, 31, 9, 0)
 
 def _enroll(engine, clock, sid, day0=DAY0):
     rec = ScreeningRecord.model_validate({**EXAMPLE, "subject_id": sid})
-    return records.enroll(engine, protocol(), record=rec, planned_day0=day0, actor="coord-1", clock=clock)
+    return enrollment.enroll(engine, protocol(), record=rec, planned_day0=day0, actor="coord-1", clock=clock)
 
 
 def _treat(engine, clock, sid, level=1, day0=DAY0):
     """Both infusions given on time."""
     for n, day in ((1, 0), (2, 14)):
         at = day0 + dt.timedelta(days=day)
-        records.record_infusion(engine, protocol(), subject_id=sid, infusion_number=n, given_at=at, dose_level=level,
+        recording.record_infusion(engine, protocol(), subject_id=sid, infusion_number=n, given_at=at, dose_level=level,
                                 cells_infused=protocol().dose_level(level).cells_per_infusion, product_lot=f"LOT-{sid}-{n}",
                                 actor="nurse-7", clock=lambda: clock().replace(year=2027, month=3, day=31))
 
@@ -55,12 +63,12 @@ def _close_window(engine, clock, sid):
     def at_close():
         return dt.datetime(2027, 3, 1, 0, 0, tzinfo=UTC)
 
-    return records.act_on_event(engine, protocol(), subject_id=sid, event_key="dlt_window_close", clock=at_close)
+    return due_events.act_on_event(engine, protocol(), subject_id=sid, event_key="dlt_window_close", clock=at_close)
 
 
 def _cohort(engine, clock, sids, level=1):
     for sid in sids:
-        assert _enroll(engine, clock, sid).status is records.EnrollmentStatus.ENROLLED
+        assert _enroll(engine, clock, sid).status is enrollment.EnrollmentStatus.ENROLLED
         _treat(engine, clock, sid, level)
 
 
@@ -70,7 +78,7 @@ def _ae(sid, category="non_haematological", grade=3, onset=dt.date(2027, 2, 5), 
 
 def _state(engine):
     with Session(engine) as s:
-        return safety.trial_state(s, protocol())
+        return escalation_gate.trial_state(s, protocol())
 
 
 def _code(channels):
@@ -179,7 +187,7 @@ def test_the_review_suspends_refuses_bold_wrong_and_reused_codes_and_records_the
         attempts = s.exec(select(SignatureAttempt).order_by(SignatureAttempt.id)).all()
         assert [(a.accepted, a.reason[:26]) for a in attempts] == [(False, "signing_code is wrong for "), (True, "signed: escalate at DL2")]
         decision_id = s.exec(select(EscalationDecision)).one().id
-    reused = safety.sign_decision(trial_db, protocol(), decision_id=decision_id, signer_id="pi-01", printed_name="PI", action=Action.STOP,
+    reused = signatures.sign_decision(trial_db, protocol(), decision_id=decision_id, signer_id="pi-01", printed_name="PI", action=Action.STOP,
                                   rationale=None, code=code, meaning="approval", attempt_key="again", clock=clock)
     assert not reused.accepted and "already signed; a signature cannot be reused" in reused.reason
     assert any("escalation decision signed · escalate: 3 slots open at DL2" in m.body for m in channels("coordinator"))
@@ -194,18 +202,18 @@ def test_a_bolder_choice_than_the_rule_is_refused_and_a_cautious_one_is_signed(t
     adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=True, reason="grade 3", investigator_id="inv-2"))
     for sid in ("S-131", "S-132", "S-133"):
         _close_window(trial_db, clock, sid)
-    d = safety.open_review(trial_db, protocol(), clock=clock)
+    d = escalation_gate.open_review(trial_db, protocol(), clock=clock)
     assert (d.history, d.recommended_action) == ("1TNN", "expand")
-    code = safety.issue_signing_code(trial_db, protocol(), decision_id=d.id, clock=clock)
-    bold = safety.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.ESCALATE,
+    code = signatures.issue_signing_code(trial_db, protocol(), decision_id=d.id, clock=clock)
+    bold = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.ESCALATE,
                                 rationale=None, code=code, meaning="approval", attempt_key="1", clock=clock)
     assert not bold.accepted and "bolder than the 3+3 recommendation 'expand'" in bold.reason
     clock.advance(hours=73)
-    expired = safety.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.EXPAND,
+    expired = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.EXPAND,
                                    rationale=None, code=code, meaning="approval", attempt_key="2", clock=clock)
     assert not expired.accepted and "expired" in expired.reason
-    code = safety.issue_signing_code(trial_db, protocol(), decision_id=d.id, clock=clock)
-    stop = safety.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.STOP,
+    code = signatures.issue_signing_code(trial_db, protocol(), decision_id=d.id, clock=clock)
+    stop = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.STOP,
                                 rationale="sponsor hold", code=code, meaning="approval", attempt_key="3", clock=clock)
     assert stop.accepted
     with Session(trial_db) as s:
@@ -217,7 +225,7 @@ def test_a_bolder_choice_than_the_rule_is_refused_and_a_cautious_one_is_signed(t
         told = {n.role for n in s.exec(select(NotificationOutbox)) if n.body.startswith("trial · trial stopped · enrollment closed; stopped by the PI")}
     assert told == {"coordinator", "nurse", "pi", "cell-lab", "pharmacy", "safety"}
     refused = _enroll(trial_db, clock, "S-134", day0=dt.datetime(2027, 6, 1, 9, 0))
-    assert refused.status is records.EnrollmentStatus.WAITLISTED  # no level is open
+    assert refused.status is enrollment.EnrollmentStatus.WAITLISTED  # no level is open
 
 
 def _force_subject_to_level_2(engine, sid):
@@ -227,19 +235,19 @@ def _force_subject_to_level_2(engine, sid):
 
 def test_every_gate_violation_is_refused_on_every_path(trial_db, clock, channels):
     _cohort(trial_db, clock, ["S-141", "S-142", "S-143"])
-    assert _enroll(trial_db, clock, "S-144").status is records.EnrollmentStatus.WAITLISTED  # DL1 full, DL2 not approved
+    assert _enroll(trial_db, clock, "S-144").status is enrollment.EnrollmentStatus.WAITLISTED  # DL1 full, DL2 not approved
     _force_subject_to_level_2(trial_db, "S-141")  # as if someone edited the assignment behind the system's back
     with Session(trial_db) as s:
         subject = s.exec(select(Subject).where(Subject.subject_id == "S-141")).one()
     # direct function calls
     with pytest.raises(UserError, match="dose level 2 is not open — no signed escalation approval opens it yet"):
-        records.record_infusion(trial_db, protocol(), subject_id="S-141", infusion_number=1, given_at=DAY0, dose_level=2,
+        recording.record_infusion(trial_db, protocol(), subject_id="S-141", infusion_number=1, given_at=DAY0, dose_level=2,
                                 cells_infused=5e8, product_lot="X", actor="nurse-7", clock=clock)
     with pytest.raises(UserError, match="calendar of S-141: dose level 2 is not open"):
         from models.db import UnitOfWork
 
         with UnitOfWork(trial_db, actor="x", reason="schedule", clock=clock) as u:
-            records.refresh_calendar(u.session, protocol(), u.session.get(Subject, subject.id))
+            recording.refresh_calendar(u.session, protocol(), u.session.get(Subject, subject.id))
     # the flow
     state = record_infusion_flow(InfusionRecord(subject_id="S-141", infusion_number=1, dose_level=2, given_at=DAY0, cells_infused=5e8,
                                                 product_lot="X", recorded_by="nurse-7"), return_state=True)
@@ -314,7 +322,7 @@ def test_daily_rounds_remind_the_pi_of_a_waiting_review_and_a_pending_adjudicati
     assert "PI: 0 review(s) to sign, 1 DLT(s) to adjudicate" in daily_rounds()
     assert any(m.body.startswith("S-171 · candidate DLT waiting for adjudication · AE 1") for m in channels("pi"))
     adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=False, reason="not related", investigator_id="inv-2"))
-    safety.open_review(trial_db, protocol(), clock=clock)
+    escalation_gate.open_review(trial_db, protocol(), clock=clock)
     clock.advance(days=3)  # an unsigned review stays valid for days; it is only reminded
     assert "PI: 1 review(s) to sign, 0 DLT(s) to adjudicate" in daily_rounds()
     assert any("cohort review waiting for the PI signature · DL1, recommended escalate" in m.body for m in channels("pi"))

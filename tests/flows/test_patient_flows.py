@@ -12,13 +12,22 @@ from prefect.client.schemas.objects import StateType
 from sqlmodel import Session, func, select
 
 from flows.enrollment import EnrollmentRequest, enroll_patient
-from flows.recording import Il2DoseRecord, InfusionRecord, OffStudyRequest, VisitRecord, off_study, record_il2_dose, record_infusion, record_visit
+from flows.recording import (
+    Il2DoseRecord,
+    InfusionRecord,
+    OffStudyRequest,
+    VisitRecord,
+    off_study,
+    record_il2_dose,
+    record_infusion,
+    record_visit,
+)
 from flows.rounds import daily_rounds
 from flows.treatment import SubjectRef, patient_treatment
 from models.tables import AuditLog, CalendarEventRow, NotificationDelivery, NotificationOutbox, OutboxStatus, Subject, SubjectStatus
-from tasks.runtime import protocol
 from protocol.eligibility import ScreeningRecord
 from tasks.projection import scheduled_at
+from tasks.runtime import protocol
 from tests.flows.conftest import SCREENING_VALUES, execute_run, subject_runs
 
 EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
@@ -272,8 +281,8 @@ def test_the_3_month_visit_window_notice_lists_what_is_due(trial_db, clock, chan
 
 def test_two_trial_databases_on_one_server_never_touch_each_others_runs(trial_db, clock, channels, tmp_path, monkeypatch):
     """A rehearsal database beside the real one: same subject IDs, separate projections."""
-    from models.queries import trial_instance
     from models.migrate import upgrade
+    from models.queries import trial_instance
     from tasks.runtime import trial_engine
 
     enroll_patient(request("S-030"))

@@ -20,15 +20,22 @@ from sqlmodel import Session, select
 
 from models.db import make_engine
 from models.tables import (
-    Administration, AdministrationKind, CalendarEventRow, EscalationDecision, EventStatus, LabKind, LabResult, Subject,
+    Administration,
+    AdministrationKind,
+    CalendarEventRow,
+    EscalationDecision,
+    EventStatus,
+    LabKind,
+    LabResult,
+    Subject,
 )
+from nktrial.rehearsal import rehearse
 from nktrial.scenario import load, shipped
-from nktrial.simulate import rehearse
+from protocol.cohorts import design_for
 from protocol.dates import to_local
 from protocol.definition import load_protocol
 from protocol.three_plus_three import Action
 from tasks.exports import FEEDS
-from tasks.safety import design_for
 
 ROOT = Path(__file__).parents[2]
 P = load_protocol()
@@ -295,8 +302,8 @@ def test_the_swimmer_lanes_show_what_happened_to_each_patient(rehearsed):
     ("1NTN", [{"history": "1NTN", "recommended": "expand", "recommended_level": 1, "signed": "escalate", "mtd": None}], "bolder than"),
 ])
 def test_the_3_plus_3_check_flags_what_the_rule_would_not_do(history, decisions, problem):
+    from nktrial.rehearsal import Result, check
     from nktrial.scenario import Scenario
-    from nktrial.simulate import Result, check
 
     sc = Scenario.model_validate({"name": "x", "title": "x", "start": "2027-03-01", "patients": [{"id": "S-001"}]})
     res = Result("x", "x", history, None, True, [], [], decisions, 0, 0, 0, 0, 0.0, "", "")

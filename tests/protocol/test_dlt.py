@@ -7,7 +7,9 @@ import datetime as dt
 import pytest
 
 from protocol.dlt import AeCategory as C
-from protocol.dlt import AeFacts, Attribution as A, DltScreen as S, screen_dlt
+from protocol.dlt import AeFacts, screen_dlt
+from protocol.dlt import Attribution as A
+from protocol.dlt import DltScreen as S
 
 START, END = dt.date(2027, 1, 31), dt.date(2027, 2, 28)
 IN = dt.date(2027, 2, 10)

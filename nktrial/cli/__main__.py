@@ -1,0 +1,5 @@
+import sys
+
+from nktrial.cli import main
+
+sys.exit(main())

@@ -1,0 +1,237 @@
+"""Adverse events: reporting and updating one, the DLT screen, the investigator's adjudication, and
+the SAE reporting clock.
+
+Plain functions over the trial database; flows and the CLI call them. The DLT rules are
+`protocol.dlt`; "two DLTs make a level too toxic" is `protocol.three_plus_three.too_toxic`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, select
+
+from models.clock import Clock
+from models.db import UnitOfWork
+from models.queries import calendar_event, get_subject
+from models.tables import Adjudication, AdverseEvent, Enrollment, Subject
+from protocol.calendar import EventKey, EventKind
+from protocol.definition import ProtocolDefinition
+from protocol.dlt import AeCategory, AeFacts, Attribution, DltScreen, screen_dlt
+from protocol.errors import UserError
+from protocol.recording import site_today
+from protocol.roles import Role
+from protocol.three_plus_three import too_toxic
+from tasks.notices import Notice, NoticeEvent, enqueue
+
+
+class AeReport(BaseModel):
+    """An adverse event as the investigator reports it. The term stays in the database, never in a notice."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject_id: str = Field(description="e.g. S-003")
+    term: str = Field(min_length=1, max_length=120, description="CTCAE term")
+    category: AeCategory
+    grade: int = Field(ge=1, le=5, description="CTCAE grade; acute GVHD: overall grade I–IV as 1–4")
+    onset_on: dt.date
+    attribution: Attribution = Field(description="relatedness to NK cells or IL-2")
+    serious: bool = False
+    resolved_on: dt.date | None = None
+    resolved_to_grade_1_within_72h: bool | None = Field(default=None, description="infusion reactions")
+    duration_days: int | None = Field(default=None, ge=0, description="cytopenias: days it lasted")
+    caused_by_leukaemia: bool | None = Field(default=None, description="cytopenias")
+    caused_by_progression: bool | None = Field(default=None, description="grade 5")
+
+
+class AeUpdate(BaseModel):
+    """A change to a reported AE: its grade, its resolution, or a fact the DLT screen needs."""
+
+    model_config = ConfigDict(extra="forbid")
+    ae_id: int
+    grade: int | None = Field(default=None, ge=1, le=5)
+    resolved_on: dt.date | None = None
+    resolved_to_grade_1_within_72h: bool | None = None
+    duration_days: int | None = Field(default=None, ge=0)
+    caused_by_leukaemia: bool | None = None
+    caused_by_progression: bool | None = None
+    reason: str = Field(min_length=1, max_length=200, description="why it changed (kept in the audit trail)")
+
+
+@dataclass
+class AeOutcome:
+    ae_id: int
+    subject_id: str
+    screen: DltScreen
+    rule: str
+    serious: bool
+
+
+# -- reporting and the DLT screen ------------------------------------------------------------------
+
+def report_adverse_event(engine, protocol: ProtocolDefinition, *, report: AeReport, actor: str, clock: Clock,
+                         link: str | None = None) -> AeOutcome:
+    """Record an AE, screen it against the DLT rules; a candidate reaches the PI and coordinator at once."""
+    with UnitOfWork(engine, actor=actor, reason=f"AE reported for {report.subject_id}", clock=clock) as u:
+        s = u.session
+        subject = get_subject(s, subject_id=report.subject_id)
+        if subject is None:
+            raise UserError(f"subject_id {report.subject_id} is not in the trial database")
+        _check_report_dates(report, today=site_today(protocol, u.at))
+        ae = AdverseEvent(subject_pk=subject.id, term=report.term.strip(), reported_at=u.at,
+                          **report.model_dump(exclude={"subject_id", "term"}))
+        s.add(ae)
+        s.flush()
+        screen, rule = _apply_screen(s, protocol, ae, subject, u.at, link)
+        if report.serious:
+            _start_sae_clock(s, protocol, ae, report.subject_id, u.at, link)
+        u.commit()
+        return AeOutcome(ae.id, report.subject_id, screen, rule, report.serious)
+
+
+def _check_report_dates(report: AeReport, *, today: dt.date) -> None:
+    if report.onset_on > today:
+        raise UserError(f"onset_on {report.onset_on} is in the future")
+    if report.resolved_on and report.resolved_on < report.onset_on:
+        raise UserError(f"resolved_on {report.resolved_on} is before onset_on {report.onset_on}")
+
+
+def update_adverse_event(engine, protocol: ProtocolDefinition, *, update: AeUpdate, actor: str, clock: Clock,
+                         link: str | None = None) -> AeOutcome:
+    """Change an AE; the audit trail keeps every earlier value; the DLT screen runs again."""
+    with UnitOfWork(engine, actor=actor, reason=update.reason, clock=clock) as u:
+        s = u.session
+        ae = _require_ae(s, update.ae_id)
+        changes = update.model_dump(exclude={"ae_id", "reason"}, exclude_none=True)
+        if not changes:
+            raise UserError("nothing to update: give a new grade, resolved_on or a DLT fact")
+        for key, value in changes.items():
+            setattr(ae, key, value)
+        subject = s.get(Subject, ae.subject_pk)
+        screen, rule = _apply_screen(s, protocol, ae, subject, u.at, link)
+        u.commit()
+        return AeOutcome(ae.id, subject.subject_id, screen, rule, ae.serious)
+
+
+def _require_ae(s: Session, ae_id: int) -> AdverseEvent:
+    ae = s.get(AdverseEvent, ae_id)
+    if ae is None:
+        raise UserError(f"ae_id {ae_id} does not exist")
+    return ae
+
+
+def _dlt_window(session: Session, subject: Subject) -> tuple[dt.date, dt.date]:
+    try:
+        opens = calendar_event(session, subject, EventKey(EventKind.DLT_WINDOW_OPEN))
+        closes = calendar_event(session, subject, EventKey(EventKind.DLT_WINDOW_CLOSE))
+    except UserError:
+        raise UserError(f"{subject.subject_id} has no DLT window: only enrolled patients have adverse events reported here") from None
+    return opens.window_start_on, closes.local_on
+
+
+def _screen(protocol: ProtocolDefinition, ae: AdverseEvent, window: tuple[dt.date, dt.date]):
+    facts = AeFacts(category=AeCategory(ae.category), grade=ae.grade, onset_on=ae.onset_on, attribution=Attribution(ae.attribution),
+                    resolved_to_grade_1_within_72h=ae.resolved_to_grade_1_within_72h, duration_days=ae.duration_days,
+                    caused_by_leukaemia=ae.caused_by_leukaemia, caused_by_progression=ae.caused_by_progression)
+    return screen_dlt(protocol.dlt.rules, facts, window_start_on=window[0], window_end_on=window[1])
+
+
+def _apply_screen(session: Session, protocol: ProtocolDefinition, ae: AdverseEvent, subject: Subject, at, link) -> tuple[DltScreen, str]:
+    """Screen the AE, keep the verdict on it, and tell people what it needs: adjudication or more facts."""
+    result = _screen(protocol, ae, _dlt_window(session, subject))
+    was_candidate = ae.candidate_dlt
+    ae.dlt_screen, ae.dlt_rule = result.screen, result.rule[:200]
+    ae.candidate_dlt = result.screen is DltScreen.CANDIDATE
+    if result.screen is DltScreen.NOT_CANDIDATE:
+        if ae.adjudication is Adjudication.PENDING:
+            ae.adjudication = Adjudication.NOT_CANDIDATE
+    elif ae.adjudication is Adjudication.NOT_CANDIDATE:
+        ae.adjudication = Adjudication.PENDING
+    session.add(ae)
+    session.flush()
+    sid = subject.subject_id
+    if ae.candidate_dlt and not was_candidate:
+        for role in (Role.PI, Role.COORDINATOR):
+            enqueue(session, Notice(role, NoticeEvent.CANDIDATE_DLT, sid, due_on=ae.onset_on, detail=f"AE {ae.id}, adjudicate", link=link),
+                    dedup=f"{sid}:ae-{ae.id}:candidate", at=at)
+    if result.screen is DltScreen.NEEDS_INFORMATION:
+        enqueue(session, Notice(Role.COORDINATOR, NoticeEvent.AE_NEEDS_INFORMATION, sid, due_on=ae.onset_on, detail=f"AE {ae.id}", link=link),
+                dedup=f"{sid}:ae-{ae.id}:needs-information:{ae.grade}", at=at)
+    return result.screen, result.rule
+
+
+# -- adjudication ----------------------------------------------------------------------------------
+
+def adjudicate_dlt(engine, protocol: ProtocolDefinition, *, ae_id: int, confirm: bool, reason: str, investigator_id: str,
+                   clock: Clock, link: str | None = None) -> bool:
+    """The investigator's call on a candidate DLT. Returns True when it makes a level too toxic (early stop)."""
+    if not reason.strip():
+        raise UserError("reason is required: say why the DLT is confirmed or rejected")
+    with UnitOfWork(engine, actor=investigator_id, reason=f"DLT adjudication of AE {ae_id}: {reason.strip()}", clock=clock) as u:
+        s = u.session
+        ae = _require_ae(s, ae_id)
+        if ae.dlt_screen == DltScreen.NOT_CANDIDATE:
+            raise UserError(f"AE {ae_id} is not a candidate DLT ({ae.dlt_rule}); there is nothing to adjudicate")
+        ae.adjudication = Adjudication.CONFIRMED if confirm else Adjudication.REJECTED
+        ae.adjudication_reason, ae.adjudicated_by, ae.adjudicated_at = reason.strip(), investigator_id, u.at
+        s.add(ae)
+        s.flush()
+        enrollment = s.exec(select(Enrollment).where(Enrollment.subject_pk == ae.subject_pk)).one()
+        if confirm:
+            enrollment.evaluable = True  # a DLT in the window makes the patient evaluable
+            s.add(enrollment)
+        dlts = _confirmed_dlts_at(s, enrollment.dose_level)
+        u.commit()
+        return confirm and too_toxic(dlts)
+
+
+def _confirmed_dlts_at(session: Session, level: int) -> int:
+    return session.exec(select(sa.func.count()).select_from(AdverseEvent)
+                        .join(Enrollment, Enrollment.subject_pk == AdverseEvent.subject_pk)
+                        .where(Enrollment.dose_level == level, AdverseEvent.adjudication == Adjudication.CONFIRMED)).one()
+
+
+def pending_adjudications(session: Session) -> list[tuple[str, int]]:
+    return session.exec(select(Subject.subject_id, AdverseEvent.id).join(Subject, Subject.id == AdverseEvent.subject_pk)
+                        .where(AdverseEvent.adjudication == Adjudication.PENDING)).all()
+
+
+# -- the SAE reporting clock -----------------------------------------------------------------------
+
+def _start_sae_clock(s: Session, protocol: ProtocolDefinition, ae: AdverseEvent, subject_id: str, at: dt.datetime, link) -> None:
+    hours = protocol.notifications.sae_report_deadline_hours
+    deadline = at + dt.timedelta(hours=hours)
+    for role in (Role.SAFETY, Role.COORDINATOR):
+        enqueue(s, Notice(role, NoticeEvent.SAE_REPORTED, subject_id, due_on=site_today(protocol, deadline),
+                          detail=f"AE {ae.id}, report within {hours} h", link=link),
+                dedup=f"{subject_id}:ae-{ae.id}:sae", at=at)
+
+
+def record_sae_report(engine, *, ae_id: int, actor: str, clock: Clock) -> None:
+    with UnitOfWork(engine, actor=actor, reason=f"expedited SAE report filed for AE {ae_id}", clock=clock) as u:
+        ae = u.session.get(AdverseEvent, ae_id)
+        if ae is None or not ae.serious:
+            raise UserError(f"ae_id {ae_id} is not a serious adverse event")
+        if ae.sae_reported_at is not None:
+            raise UserError(f"the SAE report for AE {ae_id} is already recorded ({ae.sae_reported_at:%Y-%m-%d %H:%M} UTC)")
+        ae.sae_reported_at = u.at
+        u.session.add(ae)
+        u.commit()
+
+
+def sae_deadline_check(engine, protocol: ProtocolDefinition, *, ae_id: int, clock: Clock, link: str | None = None) -> str:
+    """Before the reporting deadline: remind the safety desk if the SAE report is not recorded."""
+    with UnitOfWork(engine, actor="system:sae-reminder", reason=f"SAE reporting clock of AE {ae_id}", clock=clock) as u:
+        ae = u.session.get(AdverseEvent, ae_id)
+        if ae is None or ae.sae_reported_at is not None:
+            return f"AE {ae_id}: SAE report already recorded; no reminder"
+        sid = u.session.get(Subject, ae.subject_pk).subject_id
+        deadline = ae.reported_at + dt.timedelta(hours=protocol.notifications.sae_report_deadline_hours)
+        for role in (Role.SAFETY, Role.COORDINATOR):
+            enqueue(u.session, Notice(role, NoticeEvent.SAE_DEADLINE, sid, due_on=site_today(protocol, deadline),
+                                      detail=f"AE {ae_id}, deadline {deadline:%H:%M} UTC", link=link),
+                    dedup=f"{sid}:ae-{ae_id}:sae-deadline", at=u.at)
+        u.commit()
+        return f"AE {ae_id}: SAE report not recorded; safety desk reminded"
