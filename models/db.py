@@ -18,7 +18,8 @@ from sqlalchemy.orm import attributes
 from sqlmodel import Session, SQLModel
 
 from models.clock import Clock, wall_clock
-from models.tables import AuditLog
+from models.tables import AccessRefusal, AuditLog
+from protocol.errors import AccessRefused
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -91,6 +92,15 @@ class UnitOfWork:
                 self.session.rollback()
         finally:
             self.session.close()
+        if isinstance(exc, AccessRefused):
+            self._log_refusal(exc)
+
+    def _log_refusal(self, exc: AccessRefused) -> None:
+        """A refused write leaves nothing but this: who asked, for what, when, and why not."""
+        with Session(self.engine) as s:
+            s.info["uow"] = self
+            s.add(AccessRefusal(actor=exc.actor[:64], act=exc.act[:64], reason=str(exc)[:300], at=self.at))
+            s.commit()
 
     def commit(self) -> None:
         assert self.session is not None

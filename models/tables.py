@@ -341,3 +341,34 @@ class AuditLog(SQLModel, table=True):
     old_value: str | None = None
     new_value: str | None = None
     reason: str = Field(max_length=500)
+
+
+# Staff: the delegation log's people. Roles are comma-separated Role values; the channel tag is the
+# apprise tag of the member's own channel (signing codes go there and nowhere else).
+class Staff(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    staff_id: str = Field(max_length=32, unique=True, index=True)
+    printed_name: str = Field(max_length=120)
+    roles: str = Field(max_length=200)
+    channel_tag: str = Field(max_length=64)
+    active_from_at: dt.datetime = _at()
+    active_to_at: dt.datetime | None = _at(default=None)
+    created_at: dt.datetime = _at()
+
+    @property
+    def role_set(self) -> frozenset[Role]:
+        return frozenset(Role(r) for r in self.roles.split(",") if r)
+
+    def active_at(self, at: dt.datetime) -> bool:
+        return self.active_from_at <= at and (self.active_to_at is None or at < self.active_to_at)
+
+
+# Access refusal: every write refused because of who asked (unknown, inactive, or without the role).
+class AccessRefusal(SQLModel, table=True):
+    __tablename__ = "access_refusal"
+    id: int | None = Field(default=None, primary_key=True)
+    actor: str = Field(max_length=64)
+    act: str = Field(max_length=64)
+    reason: str = Field(max_length=300)
+    at: dt.datetime = _at()
+

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.errors import ProtocolFileError, first_validation_error
+from protocol.roles import Act, Role
 
 DEFAULT_PROTOCOL_FILE = Path(__file__).with_name("nct06641648.yaml")
 
@@ -289,6 +290,8 @@ class Escalation(_Strict):
     max_enrollment: Sourced[int]
     sentinel_stagger_days: Sourced[int]
     signing_code_valid_hours: Sourced[int]
+    signing_max_wrong_codes: Sourced[int]
+    signing_lockout_minutes: Sourced[int]
 
     @model_validator(mode="after")
     def _sizes(self) -> Escalation:
@@ -298,8 +301,25 @@ class Escalation(_Strict):
             raise ValueError("max_per_level must be twice cohort_size under 3+3")
         if self.sentinel_stagger_days.value < 0:
             raise ValueError("sentinel_stagger_days must be 0 or more")
-        if self.signing_code_valid_hours.value < 1:
-            raise ValueError("signing_code_valid_hours must be at least 1")
+        if not 1 <= self.signing_code_valid_hours.value <= 24 * 14:
+            raise ValueError("signing_code_valid_hours must be from 1 to 336 (two weeks)")
+        if not 1 <= self.signing_max_wrong_codes.value <= 20:
+            raise ValueError("signing_max_wrong_codes must be from 1 to 20")
+        if not 1 <= self.signing_lockout_minutes.value <= 24 * 60:
+            raise ValueError("signing_lockout_minutes must be from 1 to 1440")
+        return self
+
+
+class Authority(Sourcing):
+    """The delegation-of-authority log: which roles may perform each act that writes to the record."""
+
+    acts: dict[Act, tuple[Role, ...]]
+
+    @model_validator(mode="after")
+    def _every_act(self) -> Authority:
+        missing = [a.name.lower() for a in Act if not self.acts.get(a)]
+        if missing:
+            raise ValueError(f"authority.acts gives no role for {', '.join(missing)}")
         return self
 
 
@@ -325,6 +345,7 @@ class ProtocolDefinition(_Strict):
     eligibility: Eligibility
     escalation: Escalation
     notifications: Notifications
+    authority: Authority
 
     @model_validator(mode="after")
     def _consistent(self) -> ProtocolDefinition:

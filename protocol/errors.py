@@ -7,6 +7,17 @@ class UserError(ValueError):
     """Bad input from a person: shown as one sentence, never as a traceback."""
 
 
+class AccessRefused(UserError):
+    """A write by someone who is not registered, not active, or whose role does not allow it.
+
+    The unit of work that sees it rolls back and logs the refusal in a transaction of its own.
+    """
+
+    def __init__(self, sentence: str, *, actor: str, act: str):
+        super().__init__(sentence)
+        self.actor, self.act = actor, act
+
+
 class ProtocolFileError(UserError):
     """The protocol file is malformed or inconsistent."""
 
