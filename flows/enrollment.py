@@ -14,6 +14,7 @@ from flows.treatment import SubjectRef, patient_treatment
 from protocol.eligibility import ScreeningRecord
 from tasks.enrollment import EnrollmentOutcome, EnrollmentStatus, enroll
 from tasks.reports import screening_markdown
+from tasks.staff import StaffId
 
 
 class EnrollmentRequest(BaseModel):
@@ -21,7 +22,7 @@ class EnrollmentRequest(BaseModel):
 
     screening: ScreeningRecord
     planned_day0: dt.datetime = Field(description="planned NK infusion 1, site-local time, e.g. 2027-01-31T09:00")
-    recorded_by: str = Field(default="coordinator", description="staff ID of who enrolls (for the audit trail)")
+    recorded_by: StaffId = Field(description="your staff ID: who enrolls (checked against the staff register)")
 
 
 @task(name="screen-and-allocate")

@@ -14,10 +14,11 @@ from models.tables import OffStudyReason
 from protocol.recording import VisitKind
 from tasks import recording
 from tasks.recording import LabResultInput
+from tasks.staff import StaffId
 
 
 class _Recorded(BaseModel):
-    recorded_by: str = Field(min_length=1, description="staff ID of who records this (for the audit trail)")
+    recorded_by: StaffId = Field(description="your staff ID: who records this (checked against the staff register)")
 
 
 class InfusionRecord(_Recorded):

@@ -35,6 +35,18 @@ def pi_reminders_task() -> tuple[int, int]:
     return pi_reminders(trial_engine(), protocol(), clock=current_clock(), link=run_link())
 
 
+@task(name="audit-check")
+def audit_task() -> str:
+    """The audit rows added since the last check, the guards and the links; a break alerts the safety desk and the PI."""
+    from tasks.audit import rounds_check
+
+    report = rounds_check(trial_engine(), clock=current_clock(), link=run_link())
+    if not report.intact:
+        get_run_logger().error("audit trail check failed: " + report.problems[0].message)
+    return (f"audit trail intact to row {report.verified_to_id or 0}" if report.intact
+            else f"AUDIT TRAIL BROKEN ({len(report.problems)} finding(s)), safety desk and PI alerted")
+
+
 @task(name="reconcile-projection")
 def reconcile_task(horizon_days: int) -> str:
     now = current_clock()()
@@ -70,6 +82,7 @@ def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     """IL-2 due and missed, visits closing, overdue items, the coordinators' digest, and the projection check."""
     report = rounds_task()
     reviews, adjudications = pi_reminders_task()
+    audit = audit_task()
     deliver_notices()  # also redelivers anything a down channel left in the outbox
     projection = reconcile_task(options.reconcile_horizon_days)
     reports = "reports not refreshed this time"
@@ -79,6 +92,6 @@ def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     create_markdown_artifact(key="daily-rounds", markdown=rounds_markdown(report, projection), description=f"Daily rounds {report.today}")
     summary = (f"{report.active_patients} active; IL-2 due {len(report.il2_due)}, missed {len(report.il2_missed)}; "
                f"visits closing {len(report.visits_closing)}; overdue {len(report.overdue)}; "
-               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; projection {projection}; {reports}")
+               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; {audit}; projection {projection}; {reports}")
     get_run_logger().info(summary)
     return summary

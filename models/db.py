@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from enum import Enum
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import attributes
 from sqlmodel import Session, SQLModel
 
+from models.audit_chain import GENESIS, row_hash
 from models.clock import Clock, wall_clock
 from models.tables import AccessRefusal, AuditLog
 from protocol.errors import AccessRefused
@@ -24,13 +26,29 @@ from protocol.errors import AccessRefused
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+def _private_sqlite_file(path: Path) -> None:
+    """The trial database is its owner's only: a new folder 0700, the file 0600, created here before SQLite opens it
+    (SQLite gives its -wal and -shm files the database file's mode); an existing one loses group and other access."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty database
+    except OSError:
+        pass  # it exists, or SQLite will say why it cannot be created
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"), path.with_name(path.name + "-journal")):
+        try:
+            if p.stat().st_mode & 0o077:
+                p.chmod(0o600)
+        except OSError:
+            pass
+
+
 def make_engine(url: str, **kw) -> sa.Engine:
     """An engine for the trial database. SQLite files get WAL, a busy timeout and BEGIN IMMEDIATE."""
     u = sa.engine.make_url(url)
     if u.get_backend_name() != "sqlite":
         return sa.create_engine(u, pool_pre_ping=True, **kw)
-    if u.database and u.database != ":memory:":
-        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    if u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+        _private_sqlite_file(Path(u.database))
     engine = sa.create_engine(u, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kw)
 
     @event.listens_for(engine, "connect")
@@ -146,8 +164,27 @@ def _write_audit(session: Session, _ctx) -> None:
     pending = session.info.pop("audit_pending", [])
     if uow is None or not pending:
         return
+    conn = session.connection()
+    head = conn.execute(sa.select(AuditLog.id, AuditLog.row_hash).order_by(AuditLog.id.desc()).limit(1)).first()
+    next_id, prev = (head[0] + 1, head[1] or GENESIS) if head else (1, GENESIS)
+    rows = []
     for obj, field, old, new in pending:
-        session.add(AuditLog(
-            at=uow.at, actor=uow.actor, entity=obj.__tablename__, entity_id=_pk(obj),
-            field=field, old_value=old, new_value=new, reason=uow.reason,
-        ))
+        row = dict(id=next_id, at=uow.at, actor=uow.actor, entity=obj.__tablename__, entity_id=_pk(obj),
+                   field=field, old_value=old, new_value=new, reason=uow.reason)
+        row["prev_hash"], row["row_hash"] = prev, row_hash(row, prev)
+        rows.append(row)
+        next_id, prev = next_id + 1, row["row_hash"]
+    # Written now, in this flush, so a later statement of the same transaction (the dose-level gate) sees them.
+    conn.execute(sa.insert(AuditLog.__table__), rows)
+
+
+AUDIT_CHAIN_LOCK = 0x6E6B_6175_6469_74  # "nkaudit": PostgreSQL writers take it first, so the chain never forks
+
+
+@event.listens_for(Session, "after_begin")
+def _serialise_writers(session: Session, _transaction, connection) -> None:
+    """On PostgreSQL a unit of work holds one transaction-level advisory lock from its start: audit rows are
+    chained in commit order (SQLite gets the same from BEGIN IMMEDIATE). Taken first, so it never deadlocks
+    against row locks."""
+    if session.info.get("uow") is not None and connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({AUDIT_CHAIN_LOCK})")

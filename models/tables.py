@@ -8,11 +8,22 @@ calendar dates (`*_on`).
 from __future__ import annotations
 
 import datetime as dt
-from enum import StrEnum
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
+from models.enums import (
+    Adjudication,
+    AdministrationKind,
+    DecisionStatus,
+    EventStatus,
+    LabKind,
+    LevelStatus,
+    OffStudyReason,
+    OutboxStatus,
+    SigningRefusal,
+    SubjectStatus,
+)
 from models.types import UTCDateTime, enum_type
 from protocol.calendar import EventKind
 from protocol.dlt import AeCategory, Attribution, DltScreen
@@ -23,70 +34,6 @@ from protocol.three_plus_three import Action
 
 def _at(**kw):
     return Field(sa_type=UTCDateTime, **kw)
-
-
-class DecisionStatus(StrEnum):
-    WAITING = "waiting"  # for the PI's signature
-    SIGNED = "signed"
-
-
-class LevelStatus(StrEnum):
-    PENDING = "pending"
-    OPEN = "open"
-    FULL = "full"
-    CLOSED = "closed"
-    TOO_TOXIC = "too_toxic"
-
-
-class SubjectStatus(StrEnum):
-    SCREENING = "screening"
-    SCREEN_FAILED = "screen_failed"
-    WAITLISTED = "waitlisted"
-    ENROLLED = "enrolled"
-    ON_TREATMENT = "on_treatment"
-    FOLLOW_UP = "follow_up"
-    COMPLETED = "completed"
-    OFF_STUDY = "off_study"
-
-
-class EventStatus(StrEnum):
-    PLANNED = "planned"
-    DONE = "done"
-    MISSED = "missed"
-    CANCELLED = "cancelled"
-
-
-class AdministrationKind(StrEnum):
-    NK_INFUSION = "nk_infusion"
-    IL2_DOSE = "il2_dose"
-
-
-class Adjudication(StrEnum):
-    NOT_CANDIDATE = "not_candidate"
-    PENDING = "pending"
-    CONFIRMED = "confirmed"
-    REJECTED = "rejected"
-
-
-class OutboxStatus(StrEnum):
-    PENDING = "pending"
-    DELIVERED = "delivered"
-    NO_CHANNEL = "no_channel"
-    CANCELLED = "cancelled"
-
-
-class OffStudyReason(StrEnum):
-    WITHDRAWAL = "withdrawal"
-    DEATH = "death"
-    PROGRESSION = "progression"
-    LOST_TO_FOLLOW_UP = "lost_to_follow_up"
-    INVESTIGATOR_DECISION = "investigator_decision"
-
-
-class LabKind(StrEnum):
-    DONOR_NK_COUNT = "donor_nk_count"
-    MRD_MFC = "mrd_mfc"
-    RESPONSE = "response"
 
 
 # Protocol version: the exact protocol file each record was made under.
@@ -262,28 +209,48 @@ class Signature(SQLModel, table=True):
     signed_at: dt.datetime = _at()
 
 
-# Signing code: one-time, expiring, bound to one decision; only its hash is kept.
+# Signing code: one-time, expiring, bound to one signer and one signed act (a decision or an AE's
+# adjudication); only a salted slow hash is kept.
 class SigningCode(SQLModel, table=True):
     __tablename__ = "signing_code"
+    __table_args__ = (sa.CheckConstraint("(decision_id IS NULL) <> (ae_id IS NULL)", name="ck_signing_code_one_act"),)
     id: int | None = Field(default=None, primary_key=True)
-    decision_id: int = Field(foreign_key="escalation_decision.id", index=True)
+    decision_id: int | None = Field(default=None, foreign_key="escalation_decision.id", index=True)
+    ae_id: int | None = Field(default=None, foreign_key="adverse_event.id", index=True)
+    signer_id: str = Field(default="", max_length=32, index=True)
+    salt: str = Field(default="", max_length=32)
     code_hash: str = Field(max_length=64)
     issued_at: dt.datetime = _at()
     expires_at: dt.datetime = _at()
     used_at: dt.datetime | None = _at(default=None)
 
 
-# Signature attempt: every try to sign, accepted or refused, and why.
+# Signature attempt: every try to sign (a decision or an AE's adjudication), accepted or refused, and why.
 class SignatureAttempt(SQLModel, table=True):
     __tablename__ = "signature_attempt"
-    __table_args__ = (sa.UniqueConstraint("decision_id", "attempt_key", name="uq_signature_attempt_key"),)
+    __table_args__ = (sa.UniqueConstraint("decision_id", "attempt_key", name="uq_signature_attempt_key"),
+                      sa.UniqueConstraint("ae_id", "attempt_key", name="uq_signature_attempt_ae_key"))
     id: int | None = Field(default=None, primary_key=True)
-    decision_id: int = Field(foreign_key="escalation_decision.id", index=True)
+    decision_id: int | None = Field(default=None, foreign_key="escalation_decision.id", index=True)
+    ae_id: int | None = Field(default=None, foreign_key="adverse_event.id", index=True)
     attempt_key: str = Field(max_length=64)
     signer_id: str = Field(max_length=64)
     accepted: bool
+    refusal: SigningRefusal | None = Field(default=None, sa_type=enum_type(SigningRefusal, 16))
     reason: str = Field(max_length=300)
     at: dt.datetime = _at()
+
+
+# Signing lockout: a signer barred from one signed act after too many wrong codes, until `until_at`.
+class SigningLockout(SQLModel, table=True):
+    __tablename__ = "signing_lockout"
+    id: int | None = Field(default=None, primary_key=True)
+    decision_id: int | None = Field(default=None, foreign_key="escalation_decision.id", index=True)
+    ae_id: int | None = Field(default=None, foreign_key="adverse_event.id", index=True)
+    signer_id: str = Field(max_length=64)
+    after_attempt_id: int  # the wrong-code attempt that locked it; later wrong codes count afresh
+    locked_at: dt.datetime = _at()
+    until_at: dt.datetime = _at()
 
 
 # Notification outbox: written with the state change that caused it, delivered later per channel.
@@ -330,8 +297,10 @@ class LabResult(SQLModel, table=True):
 
 
 # Audit log: append-only (the database refuses UPDATE and DELETE). Who, when, what, old → new, why.
+# Hash-chained: row_hash = sha256(content + prev_hash), see models/audit_chain.py; `nktrial audit verify` walks it.
 class AuditLog(SQLModel, table=True):
     __tablename__ = "audit_log"
+    __table_args__ = (sa.Index("ix_audit_log_entity", "entity", "entity_id"),)  # the dose-level gate looks signatures up
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = _at(index=True)
     actor: str = Field(max_length=64)
@@ -341,6 +310,19 @@ class AuditLog(SQLModel, table=True):
     old_value: str | None = None
     new_value: str | None = None
     reason: str = Field(max_length=500)
+    prev_hash: str | None = Field(default=None, max_length=64)
+    row_hash: str | None = Field(default=None, max_length=64)
+
+
+# Audit checkpoint: how far daily rounds have verified the chain (last row id and its hash), and what they found.
+class AuditCheckpoint(SQLModel, table=True):
+    __tablename__ = "audit_checkpoint"
+    id: int | None = Field(default=None, primary_key=True)
+    verified_to_id: int
+    verified_to_hash: str = Field(max_length=64)
+    intact: bool
+    problem: str | None = Field(default=None, max_length=500)
+    checked_at: dt.datetime = _at()
 
 
 # Staff: the delegation log's people. Roles are comma-separated Role values; the channel tag is the

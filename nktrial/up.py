@@ -3,17 +3,23 @@
 Starts a local Prefect server (SQLite, under the data folder), creates the process work pool,
 deploys every flow from prefect.yaml, starts a worker, and says what to do first. Ctrl-C stops
 all of it; starting again keeps the data (trial database and Prefect database both persist).
+
+The API and the UI ask for a basic-auth string, generated at the first start and kept in the
+data folder (nktrial/apiauth.py). The data folder is its owner's only: 0700, and everything
+created under it 0600 (the processes started here run with umask 077).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from nktrial.apiauth import LOOPBACK, load_or_create, private_dir, secret_path
 from nktrial.server import healthy, prefect_exe
 from protocol.errors import UserError
 
@@ -25,25 +31,49 @@ def _step(msg: str) -> None:
     print(f"• {msg}", flush=True)
 
 
+def tighten(data_dir: Path) -> None:
+    """Take group and other access away from everything already under the data folder (made before umask 077)."""
+    for folder, dirs, files in os.walk(data_dir):
+        for name in dirs + files:
+            p = Path(folder, name)
+            st = p.lstat()
+            if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                p.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+
+
 def run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -> int:
-    data_dir = data_dir.resolve()
+    data_dir = private_dir(data_dir.resolve())
+    old_umask = os.umask(0o077)  # what this process and its children create (Prefect's database, logs, results) is 0600
+    try:
+        return _run(host=host, port=port, data_dir=data_dir, apprise_config=apprise_config)
+    finally:
+        os.umask(old_umask)
+
+
+def _run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -> int:
+    tighten(data_dir)
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    api = f"http://{host}:{port}/api"
-    ui = f"http://{host}:{port}"
+    near = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    api = f"http://{near}:{port}/api"  # what this machine's clients call
+    ui = f"http://{near}:{port}"
     if healthy(api):
         raise UserError(f"port {port}: a Prefect server already answers at {ui}; stop it first or choose --port")
+    auth, first_start = load_or_create(data_dir)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING")},
         "PREFECT_HOME": str(data_dir / "prefect"),
         "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,  # the browser calls the API here; its default (port 4200) would break other ports
-        "PREFECT_UI_URL": ui,
+        "PREFECT_API_AUTH_STRING": auth,  # every client: deploy, worker, flow runs (PREFECT_API_KEY must not be set too)
+        # the browser calls the API here: its default (port 4200) breaks other ports; behind a proxy, the public URL
+        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or api,
+        "PREFECT_UI_URL": os.environ.get("PREFECT_UI_URL") or ui,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
         "NKTRIAL_DATA_DIR": str(data_dir),
     }
+    server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}
     if apprise_config:
         env["NKTRIAL_APPRISE_CONFIG"] = str(apprise_config.resolve())
     children: list[subprocess.Popen] = []
@@ -61,11 +91,19 @@ def run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) ->
                 p.kill()
 
     try:
+        if first_start:
+            _step(f"API authentication: a new basic-auth string in {secret_path(data_dir)} (mode 0600); "
+                  "the UI asks for it once per browser")
+        else:
+            _step(f"API authentication: the basic-auth string in {secret_path(data_dir)}")
+        if host not in LOOPBACK:
+            _step(f"listening on {host}: other machines reach the API over plain http; "
+                  "put it behind the site's TLS reverse proxy (README, Security)")
         _step(f"trial database: {data_dir / 'trial.db'}")
         subprocess.run([sys.executable, "-m", "nktrial", "db", "upgrade"], env=env, check=True, cwd=ROOT)
         _step(f"starting the Prefect server on {ui} (log: {logs / 'server.log'})")
         server_log = open(logs / "server.log", "a", encoding="utf-8")
-        children.append(subprocess.Popen([prefect_exe(), "server", "start", "--host", host, "--port", str(port)], env=env,
+        children.append(subprocess.Popen([prefect_exe(), "server", "start", "--host", host, "--port", str(port)], env=server_env,
                                          stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
         deadline = time.monotonic() + 120
         while not healthy(api):
@@ -88,13 +126,20 @@ def run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) ->
         channel = (f"notifications go to the channels in {apprise_config}" if apprise_config else
                    "no notification channel is configured: every notice is still recorded in the outbox "
                    "(set NKTRIAL_APPRISE_CONFIG to an apprise config file with role tags to send them)")
+        first = (f"""
+First start: the API and the UI ask for the basic-auth string in {secret_path(data_dir)}
+(the browser asks once; paste the whole line). The nktrial commands send it by themselves
+to a server on this machine. Add the first staff member, the PI:
+  nktrial staff add --id pi-01 --name "<the PI's full name>" --roles pi
+""" if first_start else "")
         print(f"""
 NCT06641648 orchestrator is up.
 
-  Prefect UI   {ui}
+  Prefect UI   {ui}  (asks for the string in {secret_path(data_dir)})
+  CLI          export PREFECT_API_URL={api}  (then recording re-projects a patient's runs at once)
   data         {data_dir}  (kept when you stop; starting again carries on)
   notices      {channel}
-
+{first}
 What to do first:
   1. Open {ui}/deployments and pick enroll-patient → Run → Custom run. Paste a screening record
      (see examples/screening-S-001.json) and the planned day 0 (site time, e.g. 2027-01-31T09:00).

@@ -10,42 +10,17 @@ from __future__ import annotations
 import datetime as dt
 import re
 import zoneinfo
-from enum import StrEnum
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.errors import ProtocolFileError, first_validation_error
 from protocol.roles import Act, Role
+from protocol.sourced import Source, Sourced, Sourcing, _Strict
 
 DEFAULT_PROTOCOL_FILE = Path(__file__).with_name("nct06641648.yaml")
-
-T = TypeVar("T")
-
-
-class Source(StrEnum):
-    REGISTRY = "registry"
-    ASSUMPTION = "assumption"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Sourced(_Strict, Generic[T]):
-    """One value with where it comes from."""
-
-    value: T
-    source: Source
-    basis: str = ""
-
-
-class Sourcing(_Strict):
-    source: Source
-    basis: str = ""
-
 
 class ProtocolId(_Strict):
     trial_id: str

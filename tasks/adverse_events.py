@@ -8,6 +8,7 @@ Plain functions over the trial database; flows and the CLI call them. The DLT ru
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -23,9 +24,11 @@ from protocol.definition import ProtocolDefinition
 from protocol.dlt import AeCategory, AeFacts, Attribution, DltScreen, screen_dlt
 from protocol.errors import UserError
 from protocol.recording import site_today
-from protocol.roles import Role
+from protocol.roles import Act, Role
 from protocol.three_plus_three import too_toxic
 from tasks.notices import Notice, NoticeEvent, enqueue
+from tasks.signing import SignedAct, check_signature, record_accepted, record_refusal
+from tasks.staff import authorize, recorded_as
 
 
 class AeReport(BaseModel):
@@ -74,8 +77,9 @@ class AeOutcome:
 def report_adverse_event(engine, protocol: ProtocolDefinition, *, report: AeReport, actor: str, clock: Clock,
                          link: str | None = None) -> AeOutcome:
     """Record an AE, screen it against the DLT rules; a candidate reaches the PI and coordinator at once."""
-    with UnitOfWork(engine, actor=actor, reason=f"AE reported for {report.subject_id}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"AE reported for {report.subject_id}", clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.REPORT_AE, at=u.at)
         subject = get_subject(s, subject_id=report.subject_id)
         if subject is None:
             raise UserError(f"subject_id {report.subject_id} is not in the trial database")
@@ -101,8 +105,9 @@ def _check_report_dates(report: AeReport, *, today: dt.date) -> None:
 def update_adverse_event(engine, protocol: ProtocolDefinition, *, update: AeUpdate, actor: str, clock: Clock,
                          link: str | None = None) -> AeOutcome:
     """Change an AE; the audit trail keeps every earlier value; the DLT screen runs again."""
-    with UnitOfWork(engine, actor=actor, reason=update.reason, clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=update.reason, clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.REPORT_AE, at=u.at)
         ae = _require_ae(s, update.ae_id)
         changes = update.model_dump(exclude={"ae_id", "reason"}, exclude_none=True)
         if not changes:
@@ -164,27 +169,44 @@ def _apply_screen(session: Session, protocol: ProtocolDefinition, ae: AdverseEve
 
 # -- adjudication ----------------------------------------------------------------------------------
 
-def adjudicate_dlt(engine, protocol: ProtocolDefinition, *, ae_id: int, confirm: bool, reason: str, investigator_id: str,
-                   clock: Clock, link: str | None = None) -> bool:
-    """The investigator's call on a candidate DLT. Returns True when it makes a level too toxic (early stop)."""
+def adjudicate_dlt(engine, protocol: ProtocolDefinition, *, ae_id: int, confirm: bool, reason: str, investigator_id: str, code: str,
+                   clock: Clock, link: str | None = None, attempt_key: str | None = None) -> bool:
+    """The investigator's (or PI's) signed call on a candidate DLT, with the one-time code issued for (this AE,
+    this signer). Returns True when it makes a level too toxic (early stop). Every refusal of a signer or a
+    code is logged as a signature attempt (tasks.signing), and wrong codes count towards the lockout."""
     if not reason.strip():
         raise UserError("reason is required: say why the DLT is confirmed or rejected")
-    with UnitOfWork(engine, actor=investigator_id, reason=f"DLT adjudication of AE {ae_id}: {reason.strip()}", clock=clock) as u:
-        s = u.session
-        ae = _require_ae(s, ae_id)
-        if ae.dlt_screen == DltScreen.NOT_CANDIDATE:
-            raise UserError(f"AE {ae_id} is not a candidate DLT ({ae.dlt_rule}); there is nothing to adjudicate")
-        ae.adjudication = Adjudication.CONFIRMED if confirm else Adjudication.REJECTED
-        ae.adjudication_reason, ae.adjudicated_by, ae.adjudicated_at = reason.strip(), investigator_id, u.at
-        s.add(ae)
-        s.flush()
-        enrollment = s.exec(select(Enrollment).where(Enrollment.subject_pk == ae.subject_pk)).one()
-        if confirm:
-            enrollment.evaluable = True  # a DLT in the window makes the patient evaluable
-            s.add(enrollment)
-        dlts = _confirmed_dlts_at(s, enrollment.dose_level)
-        u.commit()
-        return confirm and too_toxic(dlts)
+    act, who = SignedAct.adjudication(ae_id), (investigator_id or "").strip()
+    key = attempt_key or f"adj-{uuid.uuid4().hex[:16]}"
+    with Session(engine) as s:
+        _require_candidate(_require_ae(s, ae_id))  # nothing to sign: refused before any code is checked or counted
+    try:
+        with UnitOfWork(engine, actor=recorded_as(who), reason=f"DLT adjudication of AE {ae_id}: {reason.strip()}", clock=clock) as u:
+            s = u.session
+            _, used = check_signature(s, protocol, act=act, signer_id=who, printed_name=None, code=code, at=u.at)  # authorizes the signer
+            ae = _require_candidate(_require_ae(s, ae_id))
+            used.used_at = u.at
+            s.add(used)
+            ae.adjudication = Adjudication.CONFIRMED if confirm else Adjudication.REJECTED
+            ae.adjudication_reason, ae.adjudicated_by, ae.adjudicated_at = reason.strip(), who, u.at
+            s.add(ae)
+            s.flush()
+            record_accepted(s, act=act, signer_id=who, attempt_key=key, said=f"DLT {'confirmed' if confirm else 'rejected'}", at=u.at)
+            enrollment = s.exec(select(Enrollment).where(Enrollment.subject_pk == ae.subject_pk)).one()
+            if confirm:
+                enrollment.evaluable = True  # a DLT in the window makes the patient evaluable
+                s.add(enrollment)
+            dlts = _confirmed_dlts_at(s, enrollment.dose_level)
+            u.commit()
+            return confirm and too_toxic(dlts)
+    except UserError as exc:
+        raise UserError(record_refusal(engine, protocol, act=act, signer_id=who, attempt_key=key, exc=exc, clock=clock)) from None
+
+
+def _require_candidate(ae: AdverseEvent) -> AdverseEvent:
+    if ae.dlt_screen == DltScreen.NOT_CANDIDATE:
+        raise UserError(f"AE {ae.id} is not a candidate DLT ({ae.dlt_rule}); there is nothing to adjudicate")
+    return ae
 
 
 def _confirmed_dlts_at(session: Session, level: int) -> int:
@@ -209,8 +231,9 @@ def _start_sae_clock(s: Session, protocol: ProtocolDefinition, ae: AdverseEvent,
                 dedup=f"{subject_id}:ae-{ae.id}:sae", at=at)
 
 
-def record_sae_report(engine, *, ae_id: int, actor: str, clock: Clock) -> None:
-    with UnitOfWork(engine, actor=actor, reason=f"expedited SAE report filed for AE {ae_id}", clock=clock) as u:
+def record_sae_report(engine, protocol: ProtocolDefinition, *, ae_id: int, actor: str, clock: Clock) -> None:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"expedited SAE report filed for AE {ae_id}", clock=clock) as u:
+        authorize(u.session, protocol, actor=actor, act=Act.RECORD_SAE_REPORT, at=u.at)
         ae = u.session.get(AdverseEvent, ae_id)
         if ae is None or not ae.serious:
             raise UserError(f"ae_id {ae_id} is not a serious adverse event")

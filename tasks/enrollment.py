@@ -27,10 +27,11 @@ from protocol.definition import ProtocolDefinition
 from protocol.eligibility import ScreeningRecord, ScreeningResult, Verdict, screen
 from protocol.errors import UserError
 from protocol.recording import site_instant, site_local, site_today
-from protocol.roles import Role
+from protocol.roles import Act, Role
 from tasks.escalation_gate import assert_level_approved
 from tasks.notices import Notice, NoticeEvent, enqueue
 from tasks.recording import actual_infusions, refresh_calendar
+from tasks.staff import authorize, recorded_as
 
 ENROLL_RETRIES = 5
 
@@ -83,8 +84,9 @@ def enroll(
 
 def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) -> EnrollmentOutcome:
     sid = record.subject_id
-    with UnitOfWork(engine, actor=actor, reason=f"enrollment of {sid}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"enrollment of {sid}", clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.ENROLL, at=u.at)
         register_protocol(s, protocol=protocol, at=u.at)
         subject = _screened_subject(s, sid, u.at)
         store_screening(s, subject=subject, result=result, at=u.at)

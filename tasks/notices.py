@@ -44,6 +44,8 @@ class NoticeEvent(StrEnum):
     ESCALATION_SIGNED = "escalation decision signed"
     TRIAL_STOPPED = "trial stopped"
     REPLACEMENT_SLOT = "not evaluable: a replacement slot is open"
+    AUDIT_BREAK = "audit trail check failed: rows changed, deleted or written out of band"
+    SIGNING_LOCKED_OUT = "signing locked out after repeated wrong codes"  # the staff ID and the act; never a code
 
 
 @dataclass(frozen=True)

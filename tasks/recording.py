@@ -38,10 +38,11 @@ from protocol.dates import local_instant, to_local
 from protocol.definition import ProtocolDefinition
 from protocol.errors import UserError
 from protocol.recording import MrdStatus, Response, VisitKind, site_instant, site_local, site_today
-from protocol.roles import Role
+from protocol.roles import Act, Role
 from tasks.due_events import open_replacement_slot
 from tasks.escalation_gate import assert_level_approved
 from tasks.notices import Notice, NoticeEvent, cancel_pending, enqueue
+from tasks.staff import authorize, recorded_as
 
 # -- the calendar ---------------------------------------------------------------------------------
 
@@ -104,8 +105,9 @@ def record_infusion(
     given_local = site_local(protocol, given_at)
     rules.check_infusion_entry(protocol, infusion_number=infusion_number, product_lot=product_lot, cells_infused=cells_infused)
     key = EventKey.nk_infusion(infusion_number)
-    with UnitOfWork(engine, actor=actor, reason=f"NK infusion {infusion_number} given to {subject_id}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"NK infusion {infusion_number} given to {subject_id}", clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.RECORD_INFUSION, at=u.at)
         subject = _on_study(s, subject_id)
         reason = _check_infusion(s, protocol, subject, key, given_local, dose_level, cells_infused, deviation_reason, u.at)
         given_utc = site_instant(protocol, given_local, "given_at")
@@ -158,8 +160,10 @@ def record_il2_dose(
     """Record one IL-2 dose as given (with its time) or missed (with a reason)."""
     rules.check_il2_entry(protocol, dose_number=dose_number, given=given, given_at=given_at, missed_reason=missed_reason)
     key = EventKey.il2_dose(dose_number)
-    with UnitOfWork(engine, actor=actor, reason=f"IL-2 dose {dose_number} {'given to' if given else 'missed by'} {subject_id}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"IL-2 dose {dose_number} {'given to' if given else 'missed by'} {subject_id}",
+                    clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.RECORD_IL2, at=u.at)
         subject = _on_study(s, subject_id)
         rules.check_il2_after_infusion_1(subject_id, dose_number, given_infusions(s, subject))
         row = calendar_event(s, subject, key)
@@ -184,8 +188,9 @@ def record_visit(
     engine: sa.Engine, protocol: ProtocolDefinition, *, subject_id: str, visit: VisitKind, done_on: dt.date,
     deviation_reason: str | None = None, actor: str, clock: Clock,
 ) -> None:
-    with UnitOfWork(engine, actor=actor, reason=f"{visit.value} done for {subject_id}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"{visit.value} done for {subject_id}", clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.RECORD_VISIT_OR_LAB, at=u.at)
         subject = _on_study(s, subject_id)
         rules.no_future("done_on", done_on, site_today(protocol, u.at))
         row = calendar_event(s, subject, visit.value)
@@ -226,8 +231,9 @@ class LabResultInput(BaseModel):
 
 def record_lab_result(engine: sa.Engine, protocol: ProtocolDefinition, *, result: LabResultInput, actor: str, clock: Clock) -> None:
     r = result
-    with UnitOfWork(engine, actor=actor, reason=f"{r.kind.value} result for {r.subject_id}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"{r.kind.value} result for {r.subject_id}", clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.RECORD_VISIT_OR_LAB, at=u.at)
         subject = _on_study(s, r.subject_id)
         rules.no_future("sampled_on", r.sampled_on, site_today(protocol, u.at))
         rules.check_lab_fields(r.kind.value, pk_day=r.pk_day, donor_nk_cells_per_ul=r.donor_nk_cells_per_ul, mrd=r.mrd,
@@ -262,8 +268,9 @@ def take_off_study(
 
     Returns how many calendar events were cancelled.
     """
-    with UnitOfWork(engine, actor=actor, reason=f"{subject_id} off study: {reason.value}", clock=clock) as u:
+    with UnitOfWork(engine, actor=recorded_as(actor), reason=f"{subject_id} off study: {reason.value}", clock=clock) as u:
         s = u.session
+        authorize(s, protocol, actor=actor, act=Act.OFF_STUDY, at=u.at)
         subject = require_subject(s, subject_id)
         if subject.status is SubjectStatus.OFF_STUDY:
             raise UserError(f"subject_id {subject_id} is already off study since {subject.off_study_on}")

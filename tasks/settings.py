@@ -14,11 +14,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NKTRIAL_", extra="ignore")
     data_dir: Path = Field(default=Path("data"), description="folder of the embedded SQLite trial database")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; PostgreSQL when set, else SQLite in data_dir")
+    database_owner_url: str | None = Field(default=None, description="PostgreSQL URL of the owner role: migrations run with it; "
+                                                                     "database_url is then the application role's")
     protocol_file: Path | None = Field(default=None, description="protocol YAML; the shipped NCT06641648 file when unset")
     apprise_config: Path | None = Field(default=None, description="apprise config file; each URL tagged with the roles it serves")
-    actor: str = Field(default="coordinator", description="who the CLI records writes as, in the audit trail")
+    actor: str | None = Field(default=None, description="staff ID the CLI writes as (or --as); no default: every write names its actor")
 
-    @field_validator("database_url", "protocol_file", "apprise_config", mode="before")
+    @field_validator("database_url", "database_owner_url", "protocol_file", "apprise_config", "actor", mode="before")
     @classmethod
     def _empty_is_unset(cls, v):
         return None if isinstance(v, str) and not v.strip() else v

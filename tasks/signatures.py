@@ -1,16 +1,15 @@
-"""The PI's signature on a cohort decision: one-time signing codes and the signed act itself.
+"""The PI's signature on a cohort decision: its one-time code and the signed act itself.
 
-A signature needs the signer's staff ID and a code sent only to the signer's own channel; only
-the code's hash is kept. What the PI may choose is `protocol.cohorts.check_choice`; what a signed
-decision opens or closes is `tasks.escalation_gate.apply_signed_decision`.
+A signature needs the signer's staff ID and a code issued for (this decision, this signer) and sent
+only to the signer's own channel; the codes, the checks and the lockout are `tasks.signing`. What
+the PI may choose is `protocol.cohorts.check_choice`; what a signed decision opens or closes is
+`tasks.escalation_gate.apply_signed_decision`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
-import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -18,14 +17,14 @@ from sqlmodel import Session, select
 
 from models.clock import Clock
 from models.db import UnitOfWork
-from models.tables import DecisionStatus, EscalationDecision, Signature, SignatureAttempt, SigningCode
+from models.tables import DecisionStatus, EscalationDecision, Signature, SignatureAttempt
 from protocol.cohorts import check_choice, declared_mtd
 from protocol.definition import ProtocolDefinition
 from protocol.errors import UserError
 from protocol.three_plus_three import Action
 from tasks.escalation_gate import apply_signed_decision, trial_state
-
-CODE_DIGITS = 8
+from tasks.signing import SentCode, SignedAct, check_signature, record_accepted, record_refusal, send_signing_code
+from tasks.staff import recorded_as
 
 
 class Meaning(StrEnum):
@@ -42,58 +41,25 @@ class SignOutcome:
     level: int | None = None
 
 
-# -- signing codes ---------------------------------------------------------------------------------
+# -- signing codes: bound to (decision, signer), sent only to the signer's channel (tasks.signing) -----
 
-def _code_hash(decision_id: int, code: str) -> str:
-    return hashlib.sha256(f"nktrial-signing:{decision_id}:{code.strip()}".encode()).hexdigest()
-
-
-def issue_signing_code(engine, protocol: ProtocolDefinition, *, decision_id: int, clock: Clock) -> str:
-    """A fresh one-time code for one decision. Only its hash is stored; earlier unused codes stop working."""
-    code = "".join(secrets.choice("0123456789") for _ in range(CODE_DIGITS))
-    with UnitOfWork(engine, actor="system:cohort-review", reason=f"signing code issued for decision {decision_id}", clock=clock) as u:
-        s = u.session
-        d = s.get(EscalationDecision, decision_id)
-        if d is None or d.status != DecisionStatus.WAITING:
-            raise UserError(f"decision {decision_id} is not waiting for a signature")
-        for old in s.exec(select(SigningCode).where(SigningCode.decision_id == decision_id, SigningCode.used_at.is_(None))):
-            old.expires_at = min(old.expires_at, u.at)
-            s.add(old)
-        hours = protocol.escalation.signing_code_valid_hours.value
-        s.add(SigningCode(decision_id=decision_id, code_hash=_code_hash(decision_id, code), issued_at=u.at,
-                          expires_at=u.at + dt.timedelta(hours=hours)))
-        u.commit()
-    return code
-
-
-def has_live_code(engine, *, decision_id: int, now: dt.datetime) -> bool:
-    with Session(engine) as s:
-        return s.exec(select(SigningCode).where(SigningCode.decision_id == decision_id, SigningCode.used_at.is_(None),
-                                                SigningCode.expires_at > now)).first() is not None
-
-
-def _check_code(s: Session, decision_id: int, code: str, now: dt.datetime) -> SigningCode:
-    """The code's row, or the sentence that refuses it: wrong, already used, or expired."""
-    h = _code_hash(decision_id, code or "")
-    rows = s.exec(select(SigningCode).where(SigningCode.decision_id == decision_id)).all()
-    match = next((r for r in rows if hmac.compare_digest(r.code_hash, h)), None)
-    if match is None:
-        raise UserError("signing_code is wrong for this decision")
-    if match.used_at is not None:
-        raise UserError("signing_code was already used; each code signs once")
-    if match.expires_at <= now:
-        raise UserError("signing_code has expired; ask for a new one")
-    return match
+def send_decision_code(engine, protocol: ProtocolDefinition, channels: list, *, decision_id: int, signer_id: str, clock: Clock,
+                       link: str | None = None, actor: str | None = None) -> SentCode:
+    """A one-time code for (decision, signer), sent to the signer's own channel; earlier unused codes of theirs stop working."""
+    return send_signing_code(engine, protocol, channels, act=SignedAct.decision(decision_id), signer_id=signer_id, clock=clock, link=link,
+                             actor=actor)
 
 
 # -- the signed act --------------------------------------------------------------------------------
 
 def sign_decision(
-    engine, protocol: ProtocolDefinition, *, decision_id: int, signer_id: str, printed_name: str, action: Action,
+    engine, protocol: ProtocolDefinition, *, decision_id: int, signer_id: str, printed_name: str | None, action: Action,
     rationale: str | None, code: str, meaning: str, attempt_key: str, clock: Clock, link: str | None = None,
 ) -> SignOutcome:
-    """Sign a cohort decision with a one-time code. Refusals (wrong, reused, expired code; a bolder
-    choice than the rule) are logged and change nothing else. A replayed attempt returns its first answer."""
+    """Sign a cohort decision with the signer's one-time code. Every refusal (tasks.signing's checks, then a
+    bolder choice than the rule) is logged as an attempt and changes nothing else; wrong codes count towards
+    the lockout. A replayed attempt returns its first answer."""
+    act = SignedAct.decision(decision_id)
     with Session(engine) as s:
         if s.get(EscalationDecision, decision_id) is None:
             return SignOutcome(False, f"decision {decision_id} does not exist", decision_id)
@@ -105,26 +71,19 @@ def sign_decision(
         return _sign(engine, protocol, decision_id=decision_id, signer_id=signer_id, printed_name=printed_name, action=action,
                      rationale=rationale, code=code, meaning=meaning, attempt_key=attempt_key, clock=clock, link=link)
     except UserError as exc:
-        _record_refusal(engine, decision_id=decision_id, signer_id=signer_id, attempt_key=attempt_key, reason=str(exc), clock=clock)
-        return SignOutcome(False, str(exc), decision_id)
-
-
-def _record_refusal(engine, *, decision_id: int, signer_id: str, attempt_key: str, reason: str, clock: Clock) -> None:
-    with UnitOfWork(engine, actor=signer_id or "unknown", reason="signature refused", clock=clock) as u:
-        u.session.add(SignatureAttempt(decision_id=decision_id, attempt_key=attempt_key, signer_id=signer_id or "unknown",
-                                       accepted=False, reason=reason[:300], at=u.at))
-        u.commit()
+        reason = record_refusal(engine, protocol, act=act, signer_id=signer_id, attempt_key=attempt_key, exc=exc, clock=clock)
+        return SignOutcome(False, reason, decision_id)
 
 
 def _sign(engine, protocol, *, decision_id, signer_id, printed_name, action, rationale, code, meaning, attempt_key, clock, link) -> SignOutcome:
-    """Load the decision and the outcomes, check the code and the choice (protocol.cohorts), store the
-    signature, then apply the decision."""
-    if not signer_id.strip() or not printed_name.strip():
-        raise UserError("signer_id and printed_name are required for a signature")
-    with UnitOfWork(engine, actor=signer_id, reason=f"escalation decision {decision_id} signed: {action.value}", clock=clock) as u:
+    """Check the signer and their code (tasks.signing), then the choice (protocol.cohorts); store the
+    signature with the register's printed name, then apply the decision."""
+    who = (signer_id or "").strip()
+    with UnitOfWork(engine, actor=recorded_as(who), reason=f"escalation decision {decision_id} signed: {action.value}", clock=clock) as u:
         s = u.session
+        member, used = check_signature(s, protocol, act=SignedAct.decision(decision_id), signer_id=who, printed_name=printed_name,
+                                       code=code, at=u.at)
         d = _waiting_decision(s, decision_id)
-        used = _check_code(s, decision_id, code, u.at)
         state = trial_state(s, protocol)
         level = check_choice(decision_id=d.id, recommended=Action(d.recommended_action), recommended_level=d.recommended_level,
                              from_level=d.from_level, early_stop=d.early_stop, prepared_history=d.history,
@@ -132,7 +91,7 @@ def _sign(engine, protocol, *, decision_id, signer_id, printed_name, action, rat
         used.used_at = u.at
         s.add(used)
         said = f"signed: {action.value}" + (f" at DL{level}" if level else "")
-        _store_signature(s, d, action=action, level=level, rationale=rationale, signer_id=signer_id, printed_name=printed_name,
+        _store_signature(s, d, action=action, level=level, rationale=rationale, signer_id=who, printed_name=member.printed_name,
                          meaning=meaning, attempt_key=attempt_key, said=said, at=u.at)
         apply_signed_decision(s, protocol, d, state, u.at, link)
         u.commit()
@@ -159,5 +118,5 @@ def _store_signature(s: Session, d: EscalationDecision, *, action: Action, level
     digest = hashlib.sha256(f"{d.id}|{d.history}|{action.value}|{d.chosen_level}|{d.mtd}|{at.isoformat()}".encode()).hexdigest()
     s.add(Signature(decision_id=d.id, signer_id=signer_id.strip(), printed_name=printed_name.strip(), meaning=meaning.strip(),
                     decision_digest=digest, signed_at=at))
-    s.add(SignatureAttempt(decision_id=d.id, attempt_key=attempt_key, signer_id=signer_id, accepted=True, reason=said, at=at))
+    record_accepted(s, act=SignedAct.decision(d.id), signer_id=signer_id, attempt_key=attempt_key, said=said, at=at)
     s.flush()

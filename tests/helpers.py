@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 
 import yaml
 
@@ -27,3 +28,31 @@ def protocol_data_with(path: str, value) -> dict:
     else:
         node[last] = value
     return data
+
+
+# -- the staff register the tests write as ---------------------------------------------------------
+
+# (staff ID, printed name, roles, channel tag): each one's own channel is tagged staff:<ID> (the tests' receiver gives it the
+# path <ID>); a role's shared tag is never a signer's own channel, so signing codes would be refused to it.
+TEST_STAFF = [
+    ("pi-01", "Principal Investigator", "pi,investigator", "staff:pi-01"),
+    ("coord-1", "Coordinator One", "coordinator", "staff:coord-1"),
+    ("nurse-7", "Nurse Seven", "nurse", "staff:nurse-7"),
+    ("nurse-1", "Nurse One", "nurse", "staff:nurse-1"),
+    ("inv-2", "Investigator Two", "investigator", "staff:inv-2"),
+    ("pharm-1", "Pharmacist One", "pharmacy", "staff:pharm-1"),
+    ("safety-1", "Safety Desk One", "safety", "staff:safety-1"),
+]
+STAFF_SINCE = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)  # before every test's clock
+
+
+def register_staff(engine, protocol=None, staff=TEST_STAFF, *, since: dt.datetime = STAFF_SINCE) -> None:
+    """The PI first (the bootstrap), then everyone else added by the PI: the same path as `nktrial staff add`."""
+    from protocol.definition import load_protocol
+    from tasks.staff import add_staff
+
+    p = protocol or load_protocol()
+    (pi_id, *_), clock = staff[0], (lambda: since)
+    for staff_id, name, roles, tag in staff:
+        add_staff(engine, p, staff_id=staff_id, printed_name=name, roles=roles, channel_tag=tag, actor=None if staff_id == pi_id else pi_id,
+                  clock=clock, allow_bootstrap=staff_id == pi_id)

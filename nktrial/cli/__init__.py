@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nktrial.cli import ae, db, escalation, notify, pure, records, report, simulate, up
+from nktrial.cli import ae, audit, db, escalation, notify, pure, records, report, simulate, staff, up
 from nktrial.cli.shared import EXIT_USER_ERROR, print_error
 from protocol.errors import UserError
 
@@ -20,7 +20,8 @@ __all__ = ["EXIT_USER_ERROR", "build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nktrial", description="NCT06641648 treatment schedule: protocol, calendar, screening, escalation.")
     parser.add_argument("--protocol", type=Path, default=None, help="protocol YAML file (default: the shipped NCT06641648 file)")
-    parser.add_argument("--actor", default=None, help="who records, for the audit trail (default: NKTRIAL_ACTOR or 'coordinator')")
+    parser.add_argument("--as", "--actor", dest="actor", metavar="STAFF_ID", default=None,
+                        help="your staff ID: who writes, for the audit trail and the delegation log (default: NKTRIAL_ACTOR)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pure.add_parsers(sub)  # protocol show, calendar, screen
@@ -29,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     escalation.add_parsers(esc)  # status, code, approve: the trial database
     ae.add_parsers(sub)
     db.add_parsers(sub)
+    audit.add_parsers(sub)
     records.add_enroll_parsers(sub)  # enroll, record ...
     records.add_off_study_parser(sub)
+    staff.add_parsers(sub)
     notify.add_parsers(sub)
     report.add_parsers(sub)
     simulate.add_parsers(sub)
@@ -40,10 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.actor is None:
-        from tasks.settings import get_settings
-
-        args.actor = get_settings().actor
     try:
         args.func(args)
     except UserError as exc:

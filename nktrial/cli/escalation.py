@@ -6,7 +6,7 @@ inside each command: building the parser stays cheap.
 
 from __future__ import annotations
 
-from nktrial.cli.shared import deliver_now, enum_argument, table, writer
+from nktrial.cli.shared import actor, deliver_now, enum_argument, table, writer
 from protocol.errors import UserError
 
 APPROVAL_MEANING = "Approval: I reviewed this cohort's DLT data and approve this dose-escalation decision"
@@ -49,16 +49,21 @@ def cmd_escalation_status(args) -> None:
 
 
 def cmd_escalation_code(args) -> None:
+    """Send a one-time code for (decision, signer) to the signer's own channel. The code is never printed."""
+    from tasks.delivery import load_channels
     from tasks.escalation_gate import open_review
-    from tasks.signatures import issue_signing_code
+    from tasks.settings import get_settings
+    from tasks.signatures import send_decision_code
 
     engine, p, clock = writer(args)
+    signer = args.signer or actor(args)
     d = open_review(engine, p, clock=clock)
     if d is None or d.id != args.decision:
         raise UserError(f"decision {args.decision} is not the review waiting now; see nktrial escalation status")
-    code = issue_signing_code(engine, p, decision_id=args.decision, clock=clock)
-    print(f"one-time signing code for decision {args.decision}: {code} (valid {p.escalation.signing_code_valid_hours.value} h; "
-          "earlier codes stop working)")
+    sent = send_decision_code(engine, p, load_channels(get_settings().apprise_config), decision_id=args.decision, signer_id=signer,
+                              clock=clock, actor=actor(args, required=False) or signer)
+    print(f"one-time signing code for decision {args.decision} {sent.sentence} (valid {p.escalation.signing_code_valid_hours.value} h; "
+          f"{signer}'s earlier codes for it stop working)")
 
 
 def cmd_escalation_approve(args) -> None:
@@ -68,10 +73,11 @@ def cmd_escalation_approve(args) -> None:
     from tasks.signatures import sign_decision
 
     engine, p, clock = writer(args)
-    out = sign_decision(engine, p, decision_id=args.decision, signer_id=args.signer, printed_name=args.name, action=Action(args.action),
-                        rationale=args.rationale, code=args.code, meaning=args.meaning, attempt_key=f"cli-{uuid.uuid4().hex[:12]}",
-                        clock=clock)
+    out = sign_decision(engine, p, decision_id=args.decision, signer_id=args.signer or actor(args), printed_name=args.name,
+                        action=Action(args.action), rationale=args.rationale, code=args.code, meaning=args.meaning,
+                        attempt_key=f"cli-{uuid.uuid4().hex[:12]}", clock=clock)
     if not out.accepted:
+        deliver_now(args)  # a lockout tells the safety desk and the PI
         raise UserError(f"signature refused: {out.reason}")
     print(f"decision {args.decision} {out.reason}")
     deliver_now(args)
@@ -81,13 +87,14 @@ def add_parsers(esc) -> None:
     """escalation status, code, approve (after next, oc, paths)."""
     st = esc.add_parser("status", help="the trial's outcome history, each patient's DLT status, reviews waiting")
     st.set_defaults(func=cmd_escalation_status)
-    code = esc.add_parser("code", help="issue a one-time signing code for the review waiting now (at the site terminal)")
+    code = esc.add_parser("code", help="send a one-time signing code for the review waiting now to the signer's own channel (never printed)")
     code.add_argument("--decision", type=int, required=True)
+    code.add_argument("--signer", help="the signer's staff ID (default: --as or NKTRIAL_ACTOR); the code goes to their channel only")
     code.set_defaults(func=cmd_escalation_code)
     ap = esc.add_parser("approve", help="sign the waiting decision with a one-time code")
     ap.add_argument("--decision", type=int, required=True)
-    ap.add_argument("--signer", required=True, help="signer ID")
-    ap.add_argument("--name", required=True, help="printed name")
+    ap.add_argument("--signer", help="your staff ID (default: --as or NKTRIAL_ACTOR)")
+    ap.add_argument("--name", help="your printed name; if given, it must match the staff register's")
     enum_argument(ap, "--action", load=_actions, leave_out=_not_signable, required=True)
     ap.add_argument("--code", required=True)
     ap.add_argument("--meaning", default=APPROVAL_MEANING)

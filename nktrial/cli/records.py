@@ -7,6 +7,7 @@ The services are imported inside each command: building the parser stays cheap.
 from __future__ import annotations
 
 from nktrial.cli.shared import (
+    actor,
     deliver_now,
     enum_argument,
     local_date,
@@ -50,7 +51,7 @@ def cmd_enroll(args) -> None:
 
     engine, p, clock = writer(args)
     outcome = enroll(engine, p, record=read_screening(args.file), planned_day0=local_datetime("--day0", args.day0),
-                     actor=args.actor, clock=clock)
+                     actor=actor(args), clock=clock)
     print(outcome.message)
     deliver_now(args)
     if outcome.status is EnrollmentStatus.ENROLLED:
@@ -63,7 +64,7 @@ def cmd_record_infusion(args) -> None:
     engine, p, clock = writer(args)
     record_infusion(engine, p, subject_id=args.subject, infusion_number=args.number, given_at=local_datetime("--given-at", args.given_at),
                     dose_level=args.dose_level, cells_infused=args.cells, product_lot=args.lot, deviation_reason=args.deviation_reason,
-                    actor=args.actor, clock=clock)
+                    actor=actor(args), clock=clock)
     print(f"{args.subject}: NK infusion {args.number} recorded; calendar re-anchored")
     deliver_now(args)
     sync_projection(args.subject)
@@ -77,7 +78,7 @@ def cmd_record_il2(args) -> None:
     engine, p, clock = writer(args)
     record_il2_dose(engine, p, subject_id=args.subject, dose_number=args.dose, given=args.given_at is not None,
                     given_at=local_datetime("--given-at", args.given_at) if args.given_at else None, missed_reason=args.missed,
-                    deviation_reason=args.deviation_reason, actor=args.actor, clock=clock)
+                    deviation_reason=args.deviation_reason, actor=actor(args), clock=clock)
     print(f"{args.subject}: IL-2 dose {args.dose} recorded as {'given' if args.given_at else 'missed'}")
 
 
@@ -88,7 +89,7 @@ def cmd_record_visit(args) -> None:
     engine, p, clock = writer(args)
     visit = VisitKind.ONE_MONTH if args.visit == "1-month" else VisitKind.THREE_MONTH
     record_visit(engine, p, subject_id=args.subject, visit=visit, done_on=local_date("--done-on", args.done_on),
-                 deviation_reason=args.deviation_reason, actor=args.actor, clock=clock)
+                 deviation_reason=args.deviation_reason, actor=actor(args), clock=clock)
     print(f"{args.subject}: {args.visit} visit recorded")
 
 
@@ -101,7 +102,7 @@ def cmd_record_lab(args) -> None:
         fields["visit"] = "visit_1_month" if args.visit == "1-month" else "visit_3_month"
     result = validated(LabResultInput, fields, "lab result")
     engine, p, clock = writer(args)
-    record_lab_result(engine, p, result=result, actor=args.actor, clock=clock)
+    record_lab_result(engine, p, result=result, actor=actor(args), clock=clock)
     print(f"{args.subject}: {args.kind} recorded")
 
 
@@ -111,7 +112,7 @@ def cmd_off_study(args) -> None:
 
     engine, p, clock = writer(args)
     n = take_off_study(engine, p, subject_id=args.subject, reason=OffStudyReason(args.reason),
-                       effective_on=local_date("--effective-on", args.effective_on), actor=args.actor, clock=clock)
+                       effective_on=local_date("--effective-on", args.effective_on), actor=actor(args), clock=clock)
     print(f"{args.subject} is off study ({args.reason}); {n} planned events cancelled, the record is kept")
     deliver_now(args)
     sync_projection(args.subject)

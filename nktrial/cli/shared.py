@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -144,6 +145,24 @@ def engine():
     return engine
 
 
+NAME_YOURSELF = ("say who is writing: give your staff ID before the command, e.g. `nktrial --as nurse-01 record ...`, "
+                 "or set NKTRIAL_ACTOR=nurse-01 (`nktrial staff list` shows the register)")
+
+
+def actor(args, *, required: bool = True) -> str | None:
+    """The staff ID a CLI write is made as: --as, else NKTRIAL_ACTOR. The one place a CLI write picks its actor;
+    whether that person may write is `tasks.staff.authorize`, in the write's own transaction."""
+    given = args.actor
+    if given is None:
+        from tasks.settings import get_settings
+
+        given = get_settings().actor
+    given = (given or "").strip()
+    if not given and required:
+        raise UserError(NAME_YOURSELF)
+    return given or None
+
+
 def writer(args):
     """(engine, protocol, clock) for a write: the same operations as the flows, straight to the trial database."""
     from models.clock import wall_clock
@@ -163,17 +182,49 @@ def deliver_now(args) -> None:
         print(f"note: {report.pending} notice(s) wait in the outbox for a channel that did not answer; `nktrial notify deliver` retries")
 
 
+@contextmanager
+def api_auth(api_url: str) -> Iterator[str | None]:
+    """Around a command's calls to the Prefect API: the basic-auth string it sends (PREFECT_API_AUTH_STRING, or, for a
+    server on this machine, the one `nktrial up` keeps in the data folder; see nktrial/apiauth.py). Never printed."""
+    import os
+
+    from nktrial.apiauth import client_auth
+    from tasks.settings import get_settings
+
+    auth = client_auth(api_url, get_settings().data_dir)
+    if not auth or os.environ.get("PREFECT_API_AUTH_STRING"):
+        yield auth
+        return
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    with temporary_settings({PREFECT_API_AUTH_STRING: auth}):
+        yield auth
+
+
 def sync_projection(subject_id: str) -> None:
     """Ask the Prefect server, if one is configured, to re-project the patient's runs."""
     import os
 
-    if not os.environ.get("PREFECT_API_URL"):
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
         print("note: PREFECT_API_URL is not set; the patient's scheduled runs catch up at the next daily rounds")
         return
+    import httpx
     from prefect.deployments import run_deployment
 
-    run = run_deployment("patient-treatment/patient-treatment", parameters={"subject": {"subject_id": subject_id}},
-                         timeout=0, as_subflow=False, flow_run_name=f"{subject_id} · treatment plan")
+    from nktrial.apiauth import refused_message
+    from tasks.settings import get_settings
+
+    with api_auth(api):
+        try:
+            run = run_deployment("patient-treatment/patient-treatment", parameters={"subject": {"subject_id": subject_id}},
+                                 timeout=0, as_subflow=False, flow_run_name=f"{subject_id} · treatment plan")
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 401:
+                raise
+            print(f"warning: {refused_message(api, get_settings().data_dir)}. The write is recorded; the patient's "
+                  "scheduled runs catch up at the next daily rounds", file=sys.stderr)
+            return
     print(f"patient-treatment run {run.id} re-projects {subject_id}'s scheduled runs")
 
 

@@ -42,12 +42,14 @@ def cmd_simulate(args) -> None:
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # the progress lines, not every run's log (read when Prefect loads)
 
+    from nktrial.apiauth import api_status, client_auth, refused_message
     from nktrial.rehearsal import rehearse
     from nktrial.scenario import load
     from nktrial.server import healthy
     from tasks.settings import get_settings
 
     scenario = load(args.scenario)
+    api_auth = None
     protocol = load_protocol(args)
     if args.api_url:
         api = args.api_url.rstrip("/")
@@ -55,6 +57,9 @@ def cmd_simulate(args) -> None:
             raise UserError(f"--api-url '{args.api_url}' is not a Prefect API address like http://127.0.0.1:4200/api")
         if not healthy(api):
             raise UserError(f"--api-url {api}: no Prefect server answers there; start one (make up) or leave --api-url out")
+        api_auth = client_auth(api, get_settings().data_dir)
+        if api_status(api, api_auth) == 401:
+            raise UserError(f"--api-url: {refused_message(api, get_settings().data_dir)}")
         if scenario.start <= dt.date.today():
             raise UserError(f"scenario start {scenario.start} is not in the future: on a shared server a worker would take the "
                             "rehearsal's due runs; rehearse there with a later start, or leave --api-url out")
@@ -67,8 +72,8 @@ def cmd_simulate(args) -> None:
 
     if args.reports_every < 1:
         raise UserError(f"--reports-every {args.reports_every}: give a number of days, 1 or more")
-    res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, temporary_server=not args.api_url,
-                   progress=progress, reports_every=args.reports_every)
+    res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, api_auth=api_auth,
+                   temporary_server=not args.api_url, progress=progress, reports_every=args.reports_every)
     progress(f"done in {time.monotonic() - started:.0f} s" + ("" if args.api_url else " (the temporary server's start included)"))
     if args.json:
         print_json(res.as_dict())

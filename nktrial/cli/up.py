@@ -15,6 +15,7 @@ def cmd_up(args) -> None:
 
 def add_parsers(sub) -> None:
     up = sub.add_parser("up", help="start a local Prefect server, deploy every flow, start a worker (Ctrl-C stops)")
-    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--host", default="127.0.0.1", help="address the server listens on (default 127.0.0.1: this machine only; "
+                                                          "for other machines, a TLS proxy in front: README, Security)")
     up.add_argument("--port", type=int, default=4200)
     up.set_defaults(func=cmd_up)

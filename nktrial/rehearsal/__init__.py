@@ -25,10 +25,12 @@ from models.migrate import upgrade
 from nktrial.receiver import Receiver
 from nktrial.rehearsal.loop import Rehearsal
 from nktrial.rehearsal.results import DecisionResult, LevelResult, PatientResult, Result, StepTimes, check
+from nktrial.rehearsal.staff import site_staff
 from nktrial.scenario import Scenario
 from protocol.dates import local_instant
 from protocol.definition import ProtocolDefinition
 from protocol.roles import Role
+from tasks.staff import add_staff
 
 __all__ = ["DecisionResult", "LevelResult", "PatientResult", "Rehearsal", "Result", "StepTimes", "check", "rehearse"]
 
@@ -47,13 +49,20 @@ def _environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition, api_url: str | None = None, temporary_server: bool = False,
-             progress: Callable[[str], None] | None = None, reports_every: int = 7, receiver: Receiver | None = None) -> Result:
+def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition, api_url: str | None = None,
+             api_auth: str | None = None, temporary_server: bool = False, progress: Callable[[str], None] | None = None,
+             reports_every: int = 7, receiver: Receiver | None = None) -> Result:
     """Run a scenario into a fresh trial database under out_dir, on the Prefect server in use, a given one, or a temporary one.
 
     Notices go to a local receiver (its own, or the one given), one path per role.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        temporary_settings,
+    )
 
     from models.db import make_engine
     from nktrial.server import local_server
@@ -67,7 +76,9 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
     own_receiver = receiver is None
     receiver = receiver or Receiver().start()
     apprise = out_dir / "apprise.yml"
-    apprise.write_text(receiver.apprise_yaml({role.value: [role.value] for role in Role}), encoding="utf-8")
+    staff = site_staff(scenario)  # everyone the rehearsal acts as, registered below
+    own = {who: [f"staff:{who}"] for who, *_ in staff}  # each staff member's own channel (signing codes)
+    apprise.write_text(receiver.apprise_yaml({role.value: [role.value] for role in Role} | own), encoding="utf-8")
     engine = make_engine(f"sqlite:///{db}")
     try:
         upgrade(engine)
@@ -75,6 +86,9 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
         with UnitOfWork(engine, actor="system:rehearsal", reason=f"rehearsal {scenario.name}", clock=clock) as u:
             register_protocol(u.session, protocol=protocol, at=u.at)
             u.commit()
+        for sid, name, roles in staff:  # the PI first, on the empty register (the bootstrap); then everyone else, added by the PI
+            add_staff(engine, protocol, staff_id=sid, printed_name=name, roles=roles, actor=staff[0][0], clock=clock,
+                      allow_bootstrap=sid == staff[0][0])
         with ExitStack() as stack:
             stack.enter_context(_environment({"NKTRIAL_DATABASE_URL": f"sqlite:///{db}", "NKTRIAL_APPRISE_CONFIG": str(apprise),
                                               "NKTRIAL_DATA_DIR": str(out_dir)}))
@@ -86,6 +100,8 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
             rehearsal_settings = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
             if api_url:
                 rehearsal_settings |= {PREFECT_API_URL: api_url, PREFECT_LOGGING_TO_API_ENABLED: not temporary_server}
+            if api_auth:  # a server that asks for its basic-auth string (nktrial up's)
+                rehearsal_settings[PREFECT_API_AUTH_STRING] = api_auth
             stack.enter_context(temporary_settings(rehearsal_settings))
             rehearsal = Rehearsal(scenario, protocol, engine, out_dir=out_dir, clock=clock, receiver=receiver, progress=progress,
                                   reports_every=reports_every)

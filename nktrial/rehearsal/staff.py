@@ -40,6 +40,15 @@ STAFF_KINDS = (EventKind.NK_INFUSION, EventKind.IL2_DOSE, EventKind.PK_SAMPLE, E
 # Synthetic donor NK counts for rehearsal PK (cells/µL at the peak, three days after an infusion) — not clinical values.
 PK_PEAK_PER_1E8_CELLS = 4.0
 INFUSION_2 = EventKey.nk_infusion(2)
+INVESTIGATOR = "inv-01"  # who adjudicates DLTs in a rehearsal; their own channel's tag is staff:inv-01
+COORDINATOR, NURSE = "coord-1", "nurse-1"  # who refers, records visits and labs; who gives infusions, IL-2 and takes PK samples
+
+
+def site_staff(scenario: Scenario) -> list[tuple[str, str, str]]:
+    """(staff ID, printed name, roles) of everyone a rehearsal acts as, the PI first (the register's bootstrap).
+    Each one's own channel is the default tag staff:<staff ID>; the rehearsal's receiver has a path per staff ID."""
+    return [(scenario.pi.signer_id, scenario.pi.printed_name, "pi,investigator"), (COORDINATOR, "Rehearsal Coordinator", "coordinator"),
+            (NURSE, "Rehearsal Nurse", "nurse"), (INVESTIGATOR, "Rehearsal Investigator", "investigator")]
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,18 +106,22 @@ class Staff:
         with Session(self.engine) as s:
             d = s.exec(select(EscalationDecision).where(EscalationDecision.review_flow_run_id == run_id)).first()
             number = s.exec(select(func.count()).select_from(EscalationDecision).where(EscalationDecision.id <= d.id)).one()
-        codes = [re.search(r"signing code (\d{8})", m.body) for m in self.receiver.messages[self.first_message:]
-                 if m.path == "pi" and f"decision {d.id} " in m.body]
-        codes = [c.group(1) for c in codes if c]
+        codes = self._codes(self.sc.pi.signer_id, f"decision {d.id},")
         if not codes:
             self.runner.paused_since.pop(run_id, None)
-            return f"no signing code for decision {d.id} reached the PI channel; the review stays open"
+            return f"no signing code for decision {d.id} reached {self.sc.pi.signer_id}'s own channel; the review stays open"
         action = self.sc.pi.decisions.get(number, Action(d.recommended_action))
         result = self.runner.resume(run_id, {
             "signer_id": self.sc.pi.signer_id, "printed_name": self.sc.pi.printed_name, "decision": action.value,
             "signing_code": codes[-1], "rationale": "" if action.value == d.recommended_action else "rehearsal: the PI chose a more cautious action",
         })
-        return f"resumed with {action.value}, code from the PI channel → " + result
+        return f"resumed with {action.value}, code from the PI's own channel → " + result
+
+    def _codes(self, signer: str, about: str) -> list[str]:
+        """Signing codes that reached `signer`'s own channel (the receiver's path is the staff ID) for one act, oldest first."""
+        found = [re.search(r"signing code (\d{8})", m.body) for m in self.receiver.messages[self.first_message:]
+                 if m.path == signer and about in m.body]
+        return [c.group(1) for c in found if c]
 
     # -- referrals ----------------------------------------------------------------------------------
 
@@ -137,7 +150,7 @@ class Staff:
         self.waitlisted.add(p.id)  # until the next look-up says otherwise
         day0 = self.site.today() + dt.timedelta(days=self.sc.day0_after_days)
         request = {"screening": screening_for(p, day0), "planned_day0": dt.datetime.combine(day0, self.p.site.event_time).isoformat(),
-                   "recorded_by": "coord-1"}
+                   "recorded_by": COORDINATOR}
         return self.runner.run_deployment("enroll-patient", {"request": request})
 
     # -- what the calendar asks, and the scenario's AEs and withdrawals -------------------------------
@@ -212,7 +225,7 @@ class Staff:
         given_at = to_local(self.site.tz, self.clock()).isoformat()
         record = {"subject_id": sid, "infusion_number": n, "dose_level": level, "given_at": given_at,
                   "cells_infused": self.p.dose_level(level).cells_per_infusion, "product_lot": f"LOT-{sid}-{n}",
-                  "deviation_reason": spec.deviation_reason if n == 2 and spec.infusion_2_delay_days else None, "recorded_by": "nurse-1"}
+                  "deviation_reason": spec.deviation_reason if n == 2 and spec.infusion_2_delay_days else None, "recorded_by": NURSE}
         return self.runner.run_deployment("record-infusion", {"record": record})
 
     def _bedside(self, what: str, write: Callable[[], None]) -> str:
@@ -229,7 +242,7 @@ class Staff:
             f"IL-2 dose {n} {'given' if given_at else 'recorded as missed'} (nktrial record il2)",
             lambda: recording.record_il2_dose(self.engine, self.p, subject_id=sid, dose_number=n, given=given_at is not None,
                                             given_at=to_local(self.site.tz, given_at) if given_at else None,
-                                            missed_reason=None if given_at else "rehearsal: dose not given", actor="nurse-1",
+                                            missed_reason=None if given_at else "rehearsal: dose not given", actor=NURSE,
                                             clock=self.clock))
 
     def pk_sample(self, sid: str, day: int, level: int) -> str:
@@ -239,23 +252,23 @@ class Staff:
         result = LabResultInput(subject_id=sid, kind="donor_nk_count", sampled_on=self.site.today(), pk_day=day,
                                 donor_nk_cells_per_ul=value)
         return self._bedside(f"PK day {day}: {value} donor NK cells/µL (nktrial record lab)",
-                             lambda: recording.record_lab_result(self.engine, self.p, result=result, actor="nurse-1", clock=self.clock))
+                             lambda: recording.record_lab_result(self.engine, self.p, result=result, actor=NURSE, clock=self.clock))
 
     def visit(self, sid: str, visit: str, on: dt.date, spec: PatientSpec) -> str:
         done = []
         if visit == EventKind.VISIT_3_MONTH.value:
             for kind, extra in (("mrd_mfc", {"mrd": spec.outcome.mrd.value}), ("response", {"response": spec.outcome.response.value})):
                 result = {"subject_id": sid, "kind": kind, "sampled_on": on.isoformat(), "visit": visit, **extra}
-                done.append(self.runner.run_deployment("record-lab-result", {"record": {"result": result, "recorded_by": "coord-1"}}))
+                done.append(self.runner.run_deployment("record-lab-result", {"record": {"result": result, "recorded_by": COORDINATOR}}))
         done.append(self.runner.run_deployment("record-visit", {"record": {"subject_id": sid, "visit": visit, "done_on": on.isoformat(),
-                                                                           "recorded_by": "coord-1"}}))
+                                                                           "recorded_by": COORDINATOR}}))
         return "; ".join(done)
 
     def report_ae(self, sid: str, i: int, ae, onset: dt.date) -> str:
         self.done.add(("ae", sid, i))
         report = {"subject_id": sid, "term": ae.term, "category": ae.category.value, "grade": ae.grade, "onset_on": onset.isoformat(),
                   "attribution": ae.attribution.value, "serious": ae.serious}
-        result = self.runner.run_deployment("report-adverse-event", {"report": report})
+        result = self.runner.run_deployment("report-adverse-event", {"report": report, "recorded_by": INVESTIGATOR})
         with Session(self.engine) as s:
             row = s.exec(select(AdverseEvent).join(Subject, Subject.id == AdverseEvent.subject_pk)
                          .where(Subject.subject_id == sid).order_by(AdverseEvent.id.desc())).first()
@@ -265,11 +278,22 @@ class Staff:
 
     def adjudicate(self, sid: str, i: int, ae) -> str:
         self.done.add(("adj", sid, i))
-        request = {"ae_id": self.ae_ids[(sid, i)], "confirm": ae.adjudicate == "confirm",
-                   "reason": f"rehearsal: {ae.category.value} grade {ae.grade}, {ae.attribution.value}", "investigator_id": "inv-01"}
+        from tasks.delivery import load_channels
+        from tasks.settings import get_settings
+        from tasks.signing import SignedAct, send_signing_code
+
+        ae_id, signer = self.ae_ids[(sid, i)], INVESTIGATOR
+        try:  # as `nktrial ae code --ae N --signer inv-01` does: a fresh code to the investigator's own channel
+            send_signing_code(self.engine, self.p, load_channels(get_settings().apprise_config), act=SignedAct.adjudication(ae_id),
+                              signer_id=signer, clock=self.clock)
+        except UserError as exc:
+            return f"no signing code for AE {ae_id}: {exc}"
+        codes = self._codes(signer, f"AE {ae_id},")
+        request = {"ae_id": ae_id, "confirm": ae.adjudicate == "confirm", "signing_code": codes[-1] if codes else "",
+                   "reason": f"rehearsal: {ae.category.value} grade {ae.grade}, {ae.attribution.value}", "investigator_id": signer}
         return self.runner.run_deployment("adjudicate-dlt", {"request": request})
 
     def take_off(self, sid: str, spec: PatientSpec, on: dt.date) -> str:
         self.done.add(("off", sid))
         return self.runner.run_deployment("off-study", {"request": {"subject_id": sid, "reason": spec.off_study.reason.value,
-                                                                    "effective_on": on.isoformat(), "recorded_by": "coord-1"}})
+                                                                    "effective_on": on.isoformat(), "recorded_by": INVESTIGATOR}})

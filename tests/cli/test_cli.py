@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,9 +165,23 @@ def test_a_bad_screening_file_is_one_sentence(tmp_path, content, message):
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
-def test_recording_commands_write_once_and_refuse_bad_input_in_one_sentence(tmp_path):
-    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
+def _staffed_database(tmp_path) -> dict:
+    """A trial database made by `nktrial db upgrade`, the test staff on its register, and the environment that writes
+    to it as inv-2 (an investigator) with no Prefect server and no channels."""
+    from models.db import make_engine
+    from tests.helpers import register_staff
+
+    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": "",
+           "NKTRIAL_ACTOR": "inv-2"}
     assert nktrial("db", "upgrade", env=env).returncode == 0
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'trial.db'}")
+    register_staff(engine)
+    engine.dispose()
+    return env
+
+
+def test_recording_commands_write_once_and_refuse_bad_input_in_one_sentence(tmp_path):
+    env = _staffed_database(tmp_path)
     enrolled = nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env)
     assert enrolled.returncode == 0, enrolled.stderr
     assert "S-001 enrolled at dose level 1, cohort 1, slot 1" in enrolled.stdout
@@ -195,8 +210,7 @@ def test_escalation_oc_is_exact_and_paths_are_listed():
 
 
 def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_path):
-    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
-    nktrial("db", "upgrade", env=env)
+    env = _staffed_database(tmp_path)
     nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env)
     future = nktrial("ae", "report", "--subject", "S-001", "--term", "rash", "--category", "non_haematological", "--grade", "3",
                      "--onset-on", "2099-02-03", "--attribution", "possible", env=env)
@@ -207,7 +221,8 @@ def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_
     ok = nktrial("ae", "report", "--subject", "S-001", "--term", "rash", "--category", "non_haematological", "--grade", "3",
                  "--onset-on", "2026-01-03", "--attribution", "possible", env=env)
     assert ok.returncode == 0 and "DLT screen: not_candidate (onset 2026-01-03 is outside the DLT window" in ok.stdout
-    nothing = nktrial("ae", "adjudicate", "--ae", "1", "--confirm", "--reason", "x", "--investigator", "inv-2", env=env)
+    nothing = nktrial("ae", "adjudicate", "--ae", "1", "--confirm", "--reason", "x", "--investigator", "inv-2", "--code", "12345678",
+                      env=env)
     _assert_one_sentence(nothing, "AE 1 is not a candidate DLT")
     status = nktrial("escalation", "status", env=env)
     assert "history: (none yet)" in status.stdout and "S-001" in status.stdout and "DLT window open" in status.stdout
@@ -219,8 +234,7 @@ def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_
 def test_reports_from_the_command_line_name_patients_by_id_and_parse_back(tmp_path):
     import icalendar
 
-    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
-    assert nktrial("db", "upgrade", env=env).returncode == 0
+    env = _staffed_database(tmp_path)
     assert nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env).returncode == 0
     dash = nktrial("report", "dashboard", env=env)
     assert dash.returncode == 0, dash.stderr
@@ -234,3 +248,56 @@ def test_reports_from_the_command_line_name_patients_by_id_and_parse_back(tmp_pa
     assert request.decoded("dtstart").replace(tzinfo=None) == dt.datetime(2099, 1, 31, 9, 0)
     swimmer = nktrial("report", "swimmer", "--out", str(tmp_path / "s.png"), env=env)
     assert swimmer.returncode == 0 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_staff_commands_bootstrap_the_pi_then_every_write_names_its_actor(tmp_path):
+    from sqlmodel import Session, select
+
+    from models.db import make_engine
+    from models.tables import AccessRefusal, AuditLog
+
+    env = {"NKTRIAL_DATA_DIR": str(tmp_path / "data"), "NKTRIAL_DATABASE_URL": "", "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": "",
+           "NKTRIAL_ACTOR": ""}
+    assert nktrial("db", "upgrade", env=env).returncode == 0
+    assert "the staff register is empty: add the PI first" in nktrial("staff", "list", env=env).stdout
+    _assert_one_sentence(nktrial("staff", "add", "--id", "nurse-01", "--name", "Nurse One", "--roles", "nurse", env=env),
+                         "the staff register is empty: the first staff member must be a pi")
+    first = nktrial("staff", "add", "--id", "pi-01", "--name", "Principal Investigator", "--roles", "pi,investigator",
+                    "--channel-tag", "pi", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "pi-01 (Principal Investigator) added to the staff register as pi, investigator" in first.stdout
+    assert "Recorded as bootstrap:site" in first.stdout
+    nameless = nktrial("staff", "add", "--id", "nurse-01", "--name", "Nurse One", "--roles", "nurse", env=env)
+    _assert_one_sentence(nameless, "say who is writing: give your staff ID before the command, e.g. `nktrial --as nurse-01 record ...`")
+    assert nktrial("--as", "pi-01", "staff", "add", "--id", "nurse-01", "--name", "Nurse One", "--roles", "nurse", env=env).returncode == 0
+    assert nktrial("staff", "add", "--id", "coord-01", "--name", "Coordinator One", "--roles", "coordinator",
+                   env={**env, "NKTRIAL_ACTOR": "pi-01"}).returncode == 0
+    _assert_one_sentence(nktrial("--as", "pi-01", "staff", "add", "--id", "coord-01", "--name", "C", "--roles", "coordinator", env=env),
+                         "staff ID coord-01 is already on the staff register")
+    listed = json.loads(nktrial("staff", "list", "--json", env=env).stdout)
+    assert [(r["staff_id"], r["roles"], r["channel_tag"], r["active"]) for r in listed] == [
+        ("pi-01", ["pi", "investigator"], "pi", True), ("nurse-01", ["nurse"], "staff:nurse-01", True),
+        ("coord-01", ["coordinator"], "staff:coord-01", True)]
+    # writes: nobody named, the wrong role, then the right one, then someone deactivated
+    _assert_one_sentence(nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env), "say who is writing")
+    _assert_one_sentence(nktrial("--as", "nurse-01", "enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env),
+                         "nurse-01 (nurse) may not screen and enroll a patient: the delegation log gives it to coordinator or investigator")
+    _assert_one_sentence(nktrial("--as", "ghost", "enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env),
+                         "'ghost' is not a registered staff member")
+    assert nktrial("--as", "coord-01", "enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env).returncode == 0
+    _assert_one_sentence(nktrial("--as", "coord-01", "off-study", "--subject", "S-001", "--reason", "withdrawal", "--effective-on",
+                                 "2026-01-01", env=env),
+                         "coord-01 (coordinator) may not put a patient off study: the delegation log gives it to investigator or pi")
+    gone = nktrial("--as", "pi-01", "staff", "deactivate", "--id", "coord-01", "--reason", "left the unit", env=env)
+    assert gone.returncode == 0 and "coord-01 is no longer active" in gone.stdout
+    _assert_one_sentence(nktrial("--as", "coord-01", "enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env),
+                         "coord-01 is not active on the staff register at this time")
+    assert re.search(r"^coord-01 +Coordinator One +coordinator +staff:coord-01 +no ", nktrial("staff", "list", env=env).stdout, re.M)
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'trial.db'}")
+    with Session(engine) as s:
+        assert [(r.actor, r.act) for r in s.exec(select(AccessRefusal).order_by(AccessRefusal.id))] == [
+            ("nurse-01", "screen and enroll a patient"), ("ghost", "screen and enroll a patient"), ("coord-01", "put a patient off study"),
+            ("coord-01", "screen and enroll a patient")]
+        staff_audit = {(r.entity_id, r.actor) for r in s.exec(select(AuditLog).where(AuditLog.entity == "staff"))}
+    engine.dispose()
+    assert staff_audit == {("1", "bootstrap:site"), ("2", "pi-01"), ("3", "pi-01")}

@@ -14,6 +14,7 @@ from models.migrate import upgrade
 from models.tables import Enrollment, Subject, SubjectStatus, WaitlistEntry
 from protocol.eligibility import ScreeningRecord
 from tasks.enrollment import EnrollmentStatus, enroll
+from tests.helpers import register_staff
 
 EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
 NOW = dt.datetime(2027, 1, 20, 1, 0, tzinfo=dt.timezone.utc)
@@ -27,6 +28,7 @@ def _enroll(engine, protocol, sid: str):
 def test_concurrent_enrollment_into_the_last_slot_yields_exactly_one_patient(db_url, protocol):
     engine = make_engine(db_url, pool_size=10) if db_url.startswith("postgresql") else make_engine(db_url)
     upgrade(engine)
+    register_staff(engine, protocol)
     assert _enroll(engine, protocol, "S-001").status is EnrollmentStatus.ENROLLED
     assert _enroll(engine, protocol, "S-002").status is EnrollmentStatus.ENROLLED
     contenders = [f"S-{n:03d}" for n in range(10, 18)]
@@ -67,6 +69,7 @@ def test_a_sentinel_stagger_holds_the_next_patients_back(tmp_path, protocol):
     staggered = protocol.model_copy(update={"escalation": esc, "protocol": protocol.protocol.model_copy(update={"version": "1.0.1"})})
     engine = make_engine(f"sqlite:///{tmp_path / 'trial.db'}")
     upgrade(engine)
+    register_staff(engine, staggered)
     assert _enroll(engine, staggered, "S-001").status is EnrollmentStatus.ENROLLED  # the sentinel, day 0 2027-01-31
     with pytest.raises(UserError, match=r"too soon after the sentinel S-001 \(day 0 2027-01-31\).*choose 2027-02-07 or later"):
         _enroll(engine, staggered, "S-002")
@@ -75,7 +78,8 @@ def test_a_sentinel_stagger_holds_the_next_patients_back(tmp_path, protocol):
     assert ok.status is EnrollmentStatus.ENROLLED and ok.cohort == 1
 
 
-def test_a_waitlisted_patient_takes_the_slot_a_withdrawal_opens_and_leaves_the_waitlist(engine, protocol):
+def test_a_waitlisted_patient_takes_the_slot_a_withdrawal_opens_and_leaves_the_waitlist(staffed_engine, protocol):
+    engine = staffed_engine
     from models.tables import DoseLevelState, OffStudyReason
     from tasks.recording import take_off_study
 
@@ -84,7 +88,7 @@ def test_a_waitlisted_patient_takes_the_slot_a_withdrawal_opens_and_leaves_the_w
     assert _enroll(engine, protocol, "S-004").status is EnrollmentStatus.WAITLISTED
     assert _enroll(engine, protocol, "S-004").status is EnrollmentStatus.WAITLISTED  # asking again keeps one place in the queue
     take_off_study(engine, protocol, subject_id="S-002", reason=OffStudyReason.WITHDRAWAL, effective_on=dt.date(2027, 1, 20),
-                   actor="coord-1", clock=lambda: NOW)
+                   actor="inv-2", clock=lambda: NOW)
     with Session(engine) as s:
         assert s.get(DoseLevelState, 1).slots_open == 4  # the replacement slot
     again = _enroll(engine, protocol, "S-004")

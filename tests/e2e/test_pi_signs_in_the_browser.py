@@ -30,6 +30,7 @@ from nktrial.server import local_server
 from protocol.eligibility import ScreeningRecord
 from tasks import due_events, enrollment, recording
 from tasks.runtime import protocol, trial_engine
+from tests.helpers import register_staff
 
 ROOT = Path(__file__).parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -80,12 +81,13 @@ def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(
     monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'trial.db'}")
     engine = trial_engine()
     upgrade(engine)
+    register_staff(engine)  # pi-01 signs; coord-1 and nurse-7 record
     _cohort_of_three_with_closed_windows(engine)
     with temporary_settings({PREFECT_API_URL: api, PREFECT_LOGGING_TO_API_ENABLED: False}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
         cohort_review.to_deployment(name="cohort-review").apply()
         run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, flow_run_name="cohort review · 1NNN")
         assert _execute(run.id).is_paused()
-        (code_msg,) = [m.body for m in channels("pi") if "signing code" in m.body]
+        (code_msg,) = [m.body for m in channels("pi-01") if "signing code" in m.body]  # the PI's own channel, nobody else's
         code = re.search(r"signing code (\d{8})", code_msg).group(1)
 
         with sync_playwright() as p:
@@ -133,6 +135,7 @@ def test_daily_rounds_publish_the_swimmer_plot_as_an_image_the_ui_shows(ui_serve
     monkeypatch.setenv("NKTRIAL_DATA_DIR", str(tmp_path))
     engine = trial_engine()
     upgrade(engine)
+    register_staff(engine)
     _cohort_of_three_with_closed_windows(engine)
     with temporary_settings({PREFECT_API_URL: api, PREFECT_LOGGING_TO_API_ENABLED: False}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
         treatment_event.to_deployment(name="treatment-event").apply()  # rounds check the projection against it

@@ -34,8 +34,9 @@ from models.migrate import upgrade  # noqa: E402
 from nktrial.receiver import Receiver  # noqa: E402
 from tasks.projection import scheduled_at  # noqa: E402
 from tasks.runtime import trial_engine  # noqa: E402
+from tests.helpers import TEST_STAFF, register_staff  # noqa: E402
 
-ROLES = ["coordinator", "nurse", "pi", "cell-lab", "pharmacy", "safety"]
+ROLES = ["coordinator", "nurse", "investigator", "pi", "cell-lab", "pharmacy", "safety"]
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +79,8 @@ def channels(receiver, tmp_path, monkeypatch):
     """One channel per role on the receiver, configured through the apprise config file setting."""
     receiver.down.clear()
     cfg = tmp_path / "apprise.yml"
-    cfg.write_text(receiver.apprise_yaml({role: [role] for role in ROLES}), encoding="utf-8")
+    own = {staff_id: [tag] for staff_id, _, _, tag in TEST_STAFF}  # each staff member's own channel: path = staff ID (signing codes)
+    cfg.write_text(receiver.apprise_yaml({role: [role] for role in ROLES} | own), encoding="utf-8")
     monkeypatch.setenv("NKTRIAL_APPRISE_CONFIG", str(cfg))
     start = len(receiver.messages)
     yield lambda role=None: [m for m in receiver.messages[start:] if role is None or m.path == role]
@@ -91,6 +93,7 @@ def trial_db(prefect_server, tmp_path, monkeypatch):
     monkeypatch.setenv("NKTRIAL_DATA_DIR", str(tmp_path))  # reports land here, not in the working copy
     engine = trial_engine()
     upgrade(engine)
+    register_staff(engine)  # the staff the tests write as: every write is refused to anyone not on the register
     yield engine
     engine.dispose()
 

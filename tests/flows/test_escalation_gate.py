@@ -81,10 +81,27 @@ def _state(engine):
         return escalation_gate.trial_state(s, protocol())
 
 
-def _code(channels):
-    msgs = [m.body for m in channels("pi") if "signing code" in m.body]
-    assert msgs, "no signing code reached the PI channel"
+def _code(channels, signer="pi-01"):
+    """The newest signing code in the signer's own channel (the receiver's path for it is the staff ID)."""
+    msgs = [m.body for m in channels(signer) if "signing code" in m.body]
+    assert msgs, f"no signing code reached {signer}'s own channel"
     return re.search(r"signing code (\d{8})", msgs[-1]).group(1)
+
+
+def _send_code(engine, clock, channels, *, signer, decision_id=None, ae_id=None):
+    """Ask for a code as `nktrial escalation code` / `nktrial ae code` do, and read it from the signer's own channel."""
+    from tasks.delivery import load_channels
+    from tasks.settings import get_settings
+    from tasks.signing import SignedAct, send_signing_code
+
+    act = SignedAct.decision(decision_id) if decision_id is not None else SignedAct.adjudication(ae_id)
+    send_signing_code(engine, protocol(), load_channels(get_settings().apprise_config), act=act, signer_id=signer, clock=clock)
+    return _code(channels, signer)
+
+
+def _adjudicate(engine, clock, channels, ae_id, confirm, reason, signer="inv-2", **kw):
+    code = _send_code(engine, clock, channels, signer=signer, ae_id=ae_id)
+    return adjudicate_dlt(AdjudicationRequest(ae_id=ae_id, confirm=confirm, reason=reason, investigator_id=signer, signing_code=code), **kw)
 
 
 def _review_runs(engine, states=(StateType.SCHEDULED, StateType.PAUSED)):
@@ -122,7 +139,7 @@ def _resume(run_id, **form):
 def test_a_candidate_dlt_reaches_the_pi_at_once_and_adjudication_changes_the_tally(trial_db, clock, channels):
     _cohort(trial_db, clock, ["S-101", "S-102", "S-103"])
     clock.set(dt.datetime(2027, 2, 6, 2, 0, tzinfo=UTC))
-    state = report_adverse_event(_ae("S-101"), return_state=True)
+    state = report_adverse_event(recorded_by="inv-2", report=_ae("S-101"), return_state=True)
     assert state.is_completed() and "DLT screen candidate" in state.message
     (pi,) = [m.body for m in channels("pi") if "candidate DLT" in m.body]
     assert pi.startswith("S-101 · candidate DLT · AE 1, adjudicate")
@@ -130,11 +147,10 @@ def test_a_candidate_dlt_reaches_the_pi_at_once_and_adjudication_changes_the_tal
     for sid in ("S-101", "S-102", "S-103"):
         _close_window(trial_db, clock, sid)
     assert _state(trial_db).history == "1NNN"  # a candidate is not a DLT until adjudicated
-    assert adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=True, reason="probable, grade 3 hepatic", investigator_id="inv-2"),
-                          return_state=True).is_completed()
+    assert _adjudicate(trial_db, clock, channels, 1, True, "probable, grade 3 hepatic", return_state=True).is_completed()
     after = _state(trial_db)
     assert after.history == "1TNN" and after.recommendation.action is Action.EXPAND
-    adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=False, reason="re-review: pre-existing", investigator_id="inv-2"))
+    _adjudicate(trial_db, clock, channels, 1, False, "re-review: pre-existing")
     assert _state(trial_db).history == "1NNN"
 
 
@@ -142,10 +158,10 @@ def test_two_dlts_stop_the_cohort_without_waiting_for_open_windows(trial_db, clo
     _cohort(trial_db, clock, ["S-111", "S-112", "S-113"])
     clock.set(dt.datetime(2027, 2, 10, 2, 0, tzinfo=UTC))
     for sid in ("S-111", "S-112"):
-        report_adverse_event(_ae(sid, category="crs", grade=3))
+        report_adverse_event(recorded_by="inv-2", report=_ae(sid, category="crs", grade=3))
     assert _state(trial_db).ready is False
-    adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=True, reason="CRS grade 3", investigator_id="inv-2"))
-    state = adjudicate_dlt(AdjudicationRequest(ae_id=2, confirm=True, reason="CRS grade 3", investigator_id="inv-2"), return_state=True)
+    _adjudicate(trial_db, clock, channels, 1, True, "CRS grade 3")
+    state = _adjudicate(trial_db, clock, channels, 2, True, "CRS grade 3", return_state=True)
     assert "2 DLTs at the level: cohort review started" in state.message
     st = _state(trial_db)
     assert st.ready and st.early_stop and st.pending == ["S-113"]  # S-113's window is still open
@@ -187,9 +203,9 @@ def test_the_review_suspends_refuses_bold_wrong_and_reused_codes_and_records_the
         attempts = s.exec(select(SignatureAttempt).order_by(SignatureAttempt.id)).all()
         assert [(a.accepted, a.reason[:26]) for a in attempts] == [(False, "signing_code is wrong for "), (True, "signed: escalate at DL2")]
         decision_id = s.exec(select(EscalationDecision)).one().id
-    reused = signatures.sign_decision(trial_db, protocol(), decision_id=decision_id, signer_id="pi-01", printed_name="PI", action=Action.STOP,
+    reused = signatures.sign_decision(trial_db, protocol(), decision_id=decision_id, signer_id="pi-01", printed_name=None, action=Action.STOP,
                                   rationale=None, code=code, meaning="approval", attempt_key="again", clock=clock)
-    assert not reused.accepted and "already signed; a signature cannot be reused" in reused.reason
+    assert not reused.accepted and "signing_code was already used" in reused.reason
     assert any("escalation decision signed · escalate: 3 slots open at DL2" in m.body for m in channels("coordinator"))
     # The next patient now enrolls at DL2.
     assert _enroll(trial_db, clock, "S-124", day0=dt.datetime(2027, 3, 10, 9, 0)).dose_level == 2
@@ -198,22 +214,22 @@ def test_the_review_suspends_refuses_bold_wrong_and_reused_codes_and_records_the
 def test_a_bolder_choice_than_the_rule_is_refused_and_a_cautious_one_is_signed(trial_db, clock, channels):
     _cohort(trial_db, clock, ["S-131", "S-132", "S-133"])
     clock.set(dt.datetime(2027, 2, 6, 2, 0, tzinfo=UTC))
-    report_adverse_event(_ae("S-131"))
-    adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=True, reason="grade 3", investigator_id="inv-2"))
+    report_adverse_event(recorded_by="inv-2", report=_ae("S-131"))
+    _adjudicate(trial_db, clock, channels, 1, True, "grade 3")
     for sid in ("S-131", "S-132", "S-133"):
         _close_window(trial_db, clock, sid)
     d = escalation_gate.open_review(trial_db, protocol(), clock=clock)
     assert (d.history, d.recommended_action) == ("1TNN", "expand")
-    code = signatures.issue_signing_code(trial_db, protocol(), decision_id=d.id, clock=clock)
-    bold = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.ESCALATE,
+    code = _send_code(trial_db, clock, channels, signer="pi-01", decision_id=d.id)
+    bold = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name=None, action=Action.ESCALATE,
                                 rationale=None, code=code, meaning="approval", attempt_key="1", clock=clock)
     assert not bold.accepted and "bolder than the 3+3 recommendation 'expand'" in bold.reason
     clock.advance(hours=73)
-    expired = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.EXPAND,
+    expired = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name=None, action=Action.EXPAND,
                                    rationale=None, code=code, meaning="approval", attempt_key="2", clock=clock)
     assert not expired.accepted and "expired" in expired.reason
-    code = signatures.issue_signing_code(trial_db, protocol(), decision_id=d.id, clock=clock)
-    stop = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="PI", action=Action.STOP,
+    code = _send_code(trial_db, clock, channels, signer="pi-01", decision_id=d.id)
+    stop = signatures.sign_decision(trial_db, protocol(), decision_id=d.id, signer_id="pi-01", printed_name="Principal Investigator", action=Action.STOP,
                                 rationale="sponsor hold", code=code, meaning="approval", attempt_key="3", clock=clock)
     assert stop.accepted
     with Session(trial_db) as s:
@@ -223,7 +239,7 @@ def test_a_bolder_choice_than_the_rule_is_refused_and_a_cautious_one_is_signed(t
 
     with Session(trial_db) as s:
         told = {n.role for n in s.exec(select(NotificationOutbox)) if n.body.startswith("trial · trial stopped · enrollment closed; stopped by the PI")}
-    assert told == {"coordinator", "nurse", "pi", "cell-lab", "pharmacy", "safety"}
+    assert told == {"coordinator", "nurse", "investigator", "pi", "cell-lab", "pharmacy", "safety"}
     refused = _enroll(trial_db, clock, "S-134", day0=dt.datetime(2027, 6, 1, 9, 0))
     assert refused.status is enrollment.EnrollmentStatus.WAITLISTED  # no level is open
 
@@ -236,7 +252,12 @@ def _force_subject_to_level_2(engine, sid):
 def test_every_gate_violation_is_refused_on_every_path(trial_db, clock, channels):
     _cohort(trial_db, clock, ["S-141", "S-142", "S-143"])
     assert _enroll(trial_db, clock, "S-144").status is enrollment.EnrollmentStatus.WAITLISTED  # DL1 full, DL2 not approved
-    _force_subject_to_level_2(trial_db, "S-141")  # as if someone edited the assignment behind the system's back
+    with pytest.raises(sa.exc.DatabaseError, match="dose level gate"):
+        _force_subject_to_level_2(trial_db, "S-141")  # the database refuses an assignment edited behind the system's back
+    with trial_db.begin() as conn:  # someone able to drop the database's guards does it anyway: every path still refuses
+        conn.exec_driver_sql("DROP TRIGGER subject_gate_update")
+        conn.exec_driver_sql("DROP TRIGGER dose_level_state_gate_update")
+    _force_subject_to_level_2(trial_db, "S-141")
     with Session(trial_db) as s:
         subject = s.exec(select(Subject).where(Subject.subject_id == "S-141")).one()
     # direct function calls
@@ -253,7 +274,7 @@ def test_every_gate_violation_is_refused_on_every_path(trial_db, clock, channels
                                                 product_lot="X", recorded_by="nurse-7"), return_state=True)
     assert state.is_failed() and "dose level 2 is not open" in state.message
     # the command line
-    env = {"NKTRIAL_DATABASE_URL": str(trial_db.url), "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": ""}
+    env = {"NKTRIAL_DATABASE_URL": str(trial_db.url), "PREFECT_API_URL": "", "NKTRIAL_APPRISE_CONFIG": "", "NKTRIAL_ACTOR": "nurse-7"}
     import os
 
     out = subprocess.run([str(Path(sys.executable).with_name("nktrial")), "record", "infusion", "--subject", "S-141", "--number", "1",
@@ -281,6 +302,11 @@ def test_every_gate_violation_is_refused_on_every_path(trial_db, clock, channels
                 conn.exec_driver_sql(sql)
     with Session(trial_db) as s:
         assert s.get(DoseLevelState, 2).status is LevelStatus.PENDING
+    # and the audit check names what was done behind the system's back
+    from tasks.audit import verify
+
+    problems = " ".join(p.message for p in verify(str(trial_db.url)).problems)
+    assert "subject_gate_update" in problems and "dose_level" in problems
 
 
 def test_two_levels_never_enroll_at_the_same_time(trial_db, clock):
@@ -293,7 +319,7 @@ def test_two_levels_never_enroll_at_the_same_time(trial_db, clock):
 def test_a_serious_ae_starts_the_reporting_clock(trial_db, clock, channels):
     _cohort(trial_db, clock, ["S-161"])
     clock.set(dt.datetime(2027, 2, 6, 2, 0, tzinfo=UTC))
-    state = report_adverse_event(_ae("S-161", category="fever", grade=3, serious=True), return_state=True)
+    state = report_adverse_event(recorded_by="inv-2", report=_ae("S-161", category="fever", grade=3, serious=True), return_state=True)
     assert state.is_completed() and "not_candidate" in state.message
     assert [m.body.split(" · ")[1] for m in channels("safety")] == ["serious adverse event: reporting clock started"]
     with get_client(sync_client=True) as client:
@@ -315,13 +341,13 @@ def test_daily_rounds_remind_the_pi_of_a_waiting_review_and_a_pending_adjudicati
 
     _cohort(trial_db, clock, ["S-171", "S-172", "S-173"])
     clock.set(dt.datetime(2027, 2, 6, 2, 0, tzinfo=UTC))
-    report_adverse_event(_ae("S-171", category="icans", grade=3))  # candidate, not yet adjudicated
+    report_adverse_event(recorded_by="inv-2", report=_ae("S-171", category="icans", grade=3))  # candidate, not yet adjudicated
     for sid in ("S-171", "S-172", "S-173"):
         _close_window(trial_db, clock, sid)
     clock.set(dt.datetime(2027, 3, 2, 0, 0, tzinfo=UTC))  # 08:00 in Shanghai
     assert "PI: 0 review(s) to sign, 1 DLT(s) to adjudicate" in daily_rounds()
     assert any(m.body.startswith("S-171 · candidate DLT waiting for adjudication · AE 1") for m in channels("pi"))
-    adjudicate_dlt(AdjudicationRequest(ae_id=1, confirm=False, reason="not related", investigator_id="inv-2"))
+    _adjudicate(trial_db, clock, channels, 1, False, "not related")
     escalation_gate.open_review(trial_db, protocol(), clock=clock)
     clock.advance(days=3)  # an unsigned review stays valid for days; it is only reminded
     assert "PI: 1 review(s) to sign, 0 DLT(s) to adjudicate" in daily_rounds()

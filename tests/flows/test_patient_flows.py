@@ -29,6 +29,7 @@ from protocol.eligibility import ScreeningRecord
 from tasks.projection import scheduled_at
 from tasks.runtime import protocol
 from tests.flows.conftest import SCREENING_VALUES, execute_run, subject_runs
+from tests.helpers import register_staff
 
 EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
 # Distinctive values that must never reach a notification.
@@ -115,7 +116,7 @@ def test_off_study_cancels_every_future_run_and_keeps_the_record(trial_db, clock
     enroll_patient(request("S-005"))
     assert subject_runs("S-005")
     clock.set(dt.datetime(2027, 1, 25, 1, 0, tzinfo=UTC))
-    state = off_study(OffStudyRequest(subject_id="S-005", reason="withdrawal", effective_on=dt.date(2027, 1, 25), recorded_by="coord-1"),
+    state = off_study(OffStudyRequest(subject_id="S-005", reason="withdrawal", effective_on=dt.date(2027, 1, 25), recorded_by="inv-2"),
                       return_state=True)
     assert state.is_completed(), state.message
     assert subject_runs("S-005") == []
@@ -217,10 +218,11 @@ def test_not_eligible_ends_with_the_failing_criteria(trial_db, clock, channels):
 
 
 def test_a_day0_before_the_washouts_end_is_refused_and_nothing_is_written(trial_db, clock, channels):
+    audit = count(trial_db, AuditLog)  # the staff register's own rows
     state = enroll_patient(request("S-012", day0=dt.datetime(2027, 1, 22, 9, 0)), return_state=True)
     assert state.is_failed()
     assert "planned_day0 2027-01-22 is before the earliest permissible date 2027-01-24 (E2.systemic_steroid)" in state.message
-    assert count(trial_db, Subject) == 0 and count(trial_db, AuditLog) == 0
+    assert count(trial_db, Subject) == 0 and count(trial_db, AuditLog) == audit
 
 
 def test_a_full_cohort_waitlists_and_tells_the_coordinator(trial_db, clock, channels):
@@ -291,6 +293,7 @@ def test_two_trial_databases_on_one_server_never_touch_each_others_runs(trial_db
     monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'rehearsal.db'}")
     rehearsal = trial_engine()
     upgrade(rehearsal)
+    register_staff(rehearsal)
     enroll_patient(request("S-030"))
     daily_rounds()  # reconciles the rehearsal's projection only
     with Session(rehearsal) as s:
