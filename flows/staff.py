@@ -20,15 +20,16 @@ from tasks.staff import StaffId
 
 
 class StaffChangeForm(BaseModel):
-    """Add a staff member (staff_id, printed_name, roles; optionally channel_tag, active_from), or deactivate one (staff_id, reason)."""
+    """Add a staff member (staff_id, printed_name, roles; optionally channel_tag, active_from_on), or deactivate one (staff_id, reason)."""
 
     action: Literal["add", "deactivate"] = Field(description="add a staff member, or end one's authority from now")
     staff_id: str = Field(pattern=STAFF_ID.pattern, min_length=2, max_length=32, description="the staff member's ID, e.g. nurse-01")
     printed_name: str | None = Field(default=None, max_length=120, description="add: the name as it appears on a signature")
     roles: list[Role] = Field(default_factory=list, description="add: their roles on the delegation log")
     channel_tag: str | None = Field(default=None, max_length=64,
-                                    description="add: apprise tag of their own channel (default staff:<staff ID>)")
-    active_from: dt.datetime | None = Field(default=None, description="add: site-local time their authority starts (default: now)")
+                                    description="add: apprise tag of their own channel (default: staff: and the staff ID, e.g. staff:nurse-01)")
+    active_from_on: dt.date | None = Field(default=None, description="add: the date their authority starts, from 00:00 site time "
+                                                                     "(the protocol's timezone); default: now")
     reason: str | None = Field(default=None, max_length=300, description="deactivate: why (kept in the audit trail)")
     recorded_by: StaffId
 
@@ -41,10 +42,11 @@ def manage_staff(change: StaffChangeForm):
         if not change.printed_name or not change.roles:
             raise UserError("to add a staff member give printed_name and at least one role")
         out = staff.add_staff(trial_engine(), protocol(), staff_id=change.staff_id, printed_name=change.printed_name, roles=change.roles,
-                              channel_tag=change.channel_tag, active_from=change.active_from, actor=change.recorded_by,
+                              channel_tag=change.channel_tag, actor=change.recorded_by,
+                              active_from=dt.datetime.combine(change.active_from_on, dt.time()) if change.active_from_on else None,
                               clock=current_clock())
     else:
-        if change.printed_name or change.roles or change.channel_tag or change.active_from:
+        if change.printed_name or change.roles or change.channel_tag or change.active_from_on:
             raise UserError("to deactivate a staff member give only staff_id and reason; a staff member's details are never changed")
         out = staff.deactivate_staff(trial_engine(), protocol(), staff_id=change.staff_id, reason=change.reason or "",
                                      actor=change.recorded_by, clock=current_clock())
