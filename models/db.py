@@ -92,6 +92,8 @@ class UnitOfWork:
     def __init__(self, engine: sa.Engine, *, actor: str, reason: str, clock: Clock = wall_clock):
         if not actor or not actor.strip():
             raise ValueError("actor: every clinical write needs who made it")
+        if len(actor.strip()) > 64:
+            raise ValueError("actor: a staff ID or system name is at most 64 characters")
         if not reason or not reason.strip():
             raise ValueError("reason: every clinical write needs why it was made")
         self.engine, self.actor, self.reason, self.clock = engine, actor.strip(), reason.strip(), clock

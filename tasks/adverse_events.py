@@ -176,6 +176,8 @@ def adjudicate_dlt(engine, protocol: ProtocolDefinition, *, ae_id: int, confirm:
     code is logged as a signature attempt (tasks.signing), and wrong codes count towards the lockout."""
     if not reason.strip():
         raise UserError("reason is required: say why the DLT is confirmed or rejected")
+    if len(reason.strip()) > 200:
+        raise UserError(f"reason is {len(reason.strip())} characters; at most 200 are kept with an adjudication")
     act, who = SignedAct.adjudication(ae_id), (investigator_id or "").strip()
     key = attempt_key or f"adj-{uuid.uuid4().hex[:16]}"
     with Session(engine) as s:

@@ -29,6 +29,8 @@ from models.tables import (
     Enrollment,
     EscalationDecision,
     Signature,
+    SigningCode,
+    Staff,
     Subject,
 )
 from protocol.roles import Role
@@ -59,6 +61,8 @@ LINKED: dict[type, tuple[str, ...] | None] = {
     Subject: ("dose_level",),
     Administration: ("subject_pk", "kind", "dose_level"),
     CalendarEventRow: ("subject_pk",),
+    Staff: None,  # who may sign and with which roles: a row changed outside the application would grant authority
+    SigningCode: None,  # a code row planted outside the application would let its planter sign
     AuditCheckpoint: None,  # its own audit rows anchor the chain's tail: deleting the newest rows shows here too
 }
 
@@ -260,7 +264,7 @@ def rounds_check(engine: sa.Engine, *, clock: Clock, link: str | None = None) ->
                                       intact=report.intact, problem=first.message[:500] if first else None, checked_at=u.at))
         if first:
             key = f"audit-break:row-{first.row_id}" if first.row_id is not None else f"audit-break:{first.message[:80]}"
-            detail = f"{len(report.problems)} finding(s); first: {first.message} Run: nktrial audit verify"
+            detail = f"{len(report.problems)} finding(s), the first: {first.message.rstrip('.')}; see nktrial audit verify"
             for role in (Role.SAFETY, Role.PI):  # the trail's own words: row numbers and table names, no patient data
                 enqueue(u.session, Notice(role, NoticeEvent.AUDIT_BREAK, detail=detail[:600], link=link), dedup=key, at=u.at)
         u.commit()

@@ -157,6 +157,10 @@ def send_signing_code(engine, protocol: ProtocolDefinition, channels: list, *, a
                     clock=clock) as u:
         s = u.session
         _require_signable(s, act)
+        requester = (actor or who).strip()
+        if not requester.startswith("system:") and requester != who:
+            raise AccessRefused(f"{requester} may not ask for {who or '(blank)'}'s signing code: a signer asks for their own "
+                                f"(run it as --as {who or 'SIGNER'})", actor=requester, act=act.act.value)
         member = authorize(s, protocol, actor=who, act=act.act, at=u.at)
         _own_channels(channels, member)
         code = _issue(s, protocol, act, member, u.at)

@@ -7,9 +7,11 @@ import sys
 
 
 def cmd_audit_verify(args) -> None:
+    from nktrial.cli.shared import engine
     from tasks.audit import verify
     from tasks.settings import get_settings
 
+    engine().dispose()  # one sentence if the database cannot be reached; verify then reads on a connection that cannot write
     report = verify(get_settings().trial_database_url)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

@@ -160,6 +160,11 @@ def actor(args, *, required: bool = True) -> str | None:
     given = (given or "").strip()
     if not given and required:
         raise UserError(NAME_YOURSELF)
+    if given:
+        from protocol.roles import staff_id_problem
+
+        if problem := staff_id_problem(given):
+            raise UserError(f"--as / NKTRIAL_ACTOR: {problem}")
     return given or None
 
 

@@ -301,3 +301,12 @@ def test_staff_commands_bootstrap_the_pi_then_every_write_names_its_actor(tmp_pa
         staff_audit = {(r.entity_id, r.actor) for r in s.exec(select(AuditLog).where(AuditLog.entity == "staff"))}
     engine.dispose()
     assert staff_audit == {("1", "bootstrap:site"), ("2", "pi-01"), ("3", "pi-01")}
+
+
+def test_a_malformed_actor_or_a_code_for_a_missing_ae_is_one_sentence(tmp_path):
+    env = _staffed_database(tmp_path)
+    _assert_one_sentence(nktrial("--as", "Head Nurse", "enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env),
+                         "--as / NKTRIAL_ACTOR: staff ID 'Head Nurse' is not a staff ID")
+    _assert_one_sentence(nktrial("--as", "x" * 80, "off-study", "--subject", "S-001", "--reason", "withdrawal", "--effective-on",
+                                 "2026-01-01", env=env), "is not a staff ID")
+    _assert_one_sentence(nktrial("ae", "code", "--ae", "1", "--signer", "pi-01", env=env), "ae_id 1 does not exist")

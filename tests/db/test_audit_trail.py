@@ -101,6 +101,7 @@ def test_verify_reads_with_a_connection_that_cannot_write(db_url, trial):
     "UPDATE dose_level_state SET status = 'open', slots_open = 3 WHERE level = 2",
     "UPDATE dose_level_state SET status = 'full' WHERE level = 3",
     "UPDATE dose_level_state SET slots_open = 9 WHERE level = 2",
+    "UPDATE dose_level_state SET status = 'open', slots_open = slots_open + 3 WHERE level = 1",  # an unsigned expansion of a full level
 ])
 def test_moving_a_row_to_a_level_no_signed_approval_opened_is_refused(engine, trial, sql):
     with pytest.raises(sa.exc.DatabaseError, match=GATE):
@@ -152,6 +153,17 @@ def test_the_application_s_own_level_changes_still_work(engine, db_url, trial):
     with pytest.raises(sa.exc.DatabaseError, match=GATE):  # DL1, closed by that decision, does not reopen by hand
         raw(engine, "UPDATE dose_level_state SET status = 'open' WHERE level = 1")
     assert verify(db_url).intact  # decisions and signatures written by the application are linked to their audit rows
+
+
+def test_a_staff_member_given_the_pi_role_behind_the_system_s_back_is_reported(engine, db_url, trial, protocol):
+    from tasks.staff import add_staff
+
+    add_staff(engine, protocol, staff_id="pi-01", printed_name="PI", roles="pi", actor=None, clock=lambda: T0, allow_bootstrap=True)
+    add_staff(engine, protocol, staff_id="coord-1", printed_name="Coordinator", roles="coordinator", actor="pi-01", clock=lambda: T0)
+    assert verify(db_url).intact
+    raw(engine, "UPDATE staff SET roles = 'coordinator,pi' WHERE staff_id = 'coord-1'")
+    out = cli_verify(db_url)
+    assert out.returncode == 1 and "staff" in out.stdout and "roles" in out.stdout
 
 
 # -- the hash chain -----------------------------------------------------------------------------

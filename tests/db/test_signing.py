@@ -100,6 +100,16 @@ def test_a_coordinator_cannot_sign_or_get_a_code_and_both_are_logged(desk):
         assert {r.actor for r in s.exec(select(AccessRefusal))} == {"coord-1"}
 
 
+def test_only_the_signer_may_ask_for_their_code_and_a_request_by_someone_else_is_logged(desk):
+    live = desk.code("pi-01")
+    with pytest.raises(AccessRefused, match="coord-1 may not ask for pi-01's signing code: a signer asks for their own"):
+        signatures.send_decision_code(desk.engine, desk.p, desk.channels, decision_id=desk.decision_id, signer_id="pi-01",
+                                      clock=desk.clock, actor="coord-1")
+    assert desk.passes_every_check("pi-01", live)  # the refused request did not replace pi-01's live code
+    with Session(desk.engine) as s:
+        assert [r.actor for r in s.exec(select(AccessRefusal))] == ["coord-1"]
+
+
 def test_a_code_sent_to_one_pi_is_wrong_for_another(desk):
     code = desk.code("pi-01")
     out = desk.sign("pi-02", code)

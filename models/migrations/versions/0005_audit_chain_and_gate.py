@@ -78,6 +78,8 @@ def _sqlite_triggers() -> dict[str, str]:
              "dose level gate: a dose level opens only by the latest signed escalation approval"),
             ("NEW.status = 'full' AND OLD.status NOT IN ('open', 'full')", "dose level gate: only an open dose level can become full"),
             ("NEW.slots_open > OLD.slots_open AND NEW.status <> 'open'", "dose level gate: slots open only at an open dose level"),
+            (f"NEW.slots_open > OLD.slots_open + 1 AND NOT EXISTS ({LATEST_OPENS.format(level='NEW.level')})",
+             "dose level gate: more than one replacement slot opens only by a signed escalation approval"),
         ]),
     ])
     for table in SUBJECT_FIXED:
@@ -112,6 +114,9 @@ BEGIN
     END IF;
     IF NEW.slots_open > OLD.slots_open AND NEW.status <> 'open' THEN
       RAISE EXCEPTION 'dose level gate: slots open only at an open dose level';
+    END IF;
+    IF NEW.slots_open > OLD.slots_open + 1 AND NOT EXISTS ({LATEST_OPENS.format(level='NEW.level')}) THEN
+      RAISE EXCEPTION 'dose level gate: more than one replacement slot opens only by a signed escalation approval';
     END IF;
     RETURN NEW;
   END IF;
