@@ -67,7 +67,7 @@ def test_escalation_code_prints_where_the_code_went_never_the_code(trial_db, clo
     _cohort(trial_db, clock, ["S-211", "S-212", "S-213"])
     for sid in ("S-211", "S-212", "S-213"):
         _close_window(trial_db, clock, sid)
-    env = {**os.environ, "NKTRIAL_DATABASE_URL": str(trial_db.url), "PREFECT_API_URL": "", "NKTRIAL_ACTOR": "coord-1"}
+    env = {**os.environ, "NKTRIAL_DATABASE_URL": str(trial_db.url), "PREFECT_API_URL": "", "NKTRIAL_ACTOR": "pi-01"}  # a signer asks for their own
     nktrial = str(Path(sys.executable).with_name("nktrial"))
     out = subprocess.run([nktrial, "escalation", "code", "--decision", "1", "--signer", "pi-01"], capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, out.stderr
