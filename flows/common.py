@@ -45,7 +45,7 @@ def deliver_notices(ids: list[int] | None = None) -> None:
 
 
 def refuses_user_errors(fn: Callable) -> Callable:
-    """A flow body whose UserError ends the run Failed with the sentence as its message: no traceback.
+    """A flow body whose UserError ends the run Failed, named "Refused", with the sentence as its message: no traceback.
 
     Put it under @flow, so that Prefect still reads the body's parameters for the form. The body's
     annotations are resolved in its own module, so a flow module may use postponed annotations.
@@ -57,7 +57,7 @@ def refuses_user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except UserError as exc:
             get_run_logger().error(str(exc))
-            return Failed(message=str(exc))
+            return Failed(name="Refused", message=str(exc))
 
     body.__annotations__ = typing.get_type_hints(fn)
     body.__signature__ = inspect.signature(fn, eval_str=True)

@@ -9,7 +9,10 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
+from flows.casebook import casebook_link, publish_casebook
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
+from models.queries import ACTIVE
+from models.tables import Subject
 from tasks.projection import project
 from tasks.reports import rounds_markdown
 from tasks.rounds import RoundsReport
@@ -57,6 +60,28 @@ def reconcile_task(horizon_days: int) -> str:
     return str(report)
 
 
+@task(name="worklist")
+def worklist_task(casebooks: dict[str, str | None]) -> str:
+    """Everything due today and in the next days across active patients, overdue first: the `worklist` artifact. Each
+    patient links to the casebook version published by these rounds."""
+    from tasks.worklist import worklist
+
+    with Session(trial_engine()) as s:
+        wl = worklist(s, protocol(), now=current_clock()())
+    create_markdown_artifact(key="worklist", markdown=wl.markdown(lambda sid: casebook_link(sid, casebooks.get(sid))),
+                             description=f"Worklist {wl.today}: due today and to {wl.until}, overdue first (site time, {wl.timezone})")
+    return f"worklist: {len(wl.overdue)} overdue, {len(wl.due_today)} today, {len(wl.coming)} coming"
+
+
+def refresh_casebooks() -> dict[str, str | None]:
+    """Each active patient's casebook, so that its DLT-window state and overdue items follow the date: subject → artifact id."""
+    from sqlmodel import select
+
+    with Session(trial_engine()) as s:
+        ids = s.exec(select(Subject.subject_id).where(Subject.status.in_(ACTIVE)).order_by(Subject.subject_id)).all()
+    return {sid: publish_casebook(sid) for sid in ids}
+
+
 @task(name="refresh-reports")
 def reports_task() -> str:
     """Swimmer plot, dashboard, PK, 3-month outcomes as artifacts; those and the exports as files."""
@@ -89,9 +114,13 @@ def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     if options.reports:  # a report that cannot be drawn never stops the rounds' own work
         state = reports_task(return_state=True)
         reports = state.result() if state.is_completed() else f"reports not refreshed: {state.message}"
+    casebooks = refresh_casebooks()
+    state = worklist_task(casebooks, return_state=True)  # a list that cannot be drawn never stops the rounds' own work
+    work = state.result() if state.is_completed() else f"worklist not refreshed: {state.message}"
     create_markdown_artifact(key="daily-rounds", markdown=rounds_markdown(report, projection), description=f"Daily rounds {report.today}")
     summary = (f"{report.active_patients} active; IL-2 due {len(report.il2_due)}, missed {len(report.il2_missed)}; "
                f"visits closing {len(report.visits_closing)}; overdue {len(report.overdue)}; "
-               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; {audit}; projection {projection}; {reports}")
+               f"PI: {reviews} review(s) to sign, {adjudications} DLT(s) to adjudicate; {audit}; projection {projection}; {work}; "
+               f"{reports}")
     get_run_logger().info(summary)
     return summary

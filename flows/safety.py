@@ -8,56 +8,69 @@ import json
 from typing import Literal
 
 from prefect import flow, get_client, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
-from prefect.flow_runs import suspend_flow_run
 from prefect.input import RunInput
 from prefect.input.run_input import keyset_from_base_key
 from prefect.runtime import flow_run
-from prefect.states import Completed
+from prefect.states import Completed, State
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
+from flows.casebook import recorded_about, subject_of_ae
 from flows.common import current_clock, deliver_notices, protocol, refuses_user_errors, run_link, trial_engine
+from flows.prefect_ui import artifact_url, page_artifact, run_form_url, suspend_with_message, upsert_markdown_artifact
 from models.queries import trial_instance
-from models.tables import DecisionStatus, EscalationDecision
+from models.tables import EscalationDecision
 from protocol.dlt import DltScreen
 from protocol.three_plus_three import Action
-from tasks import adverse_events, escalation_gate, signatures, signing
+from tasks import adverse_events, closure, escalation_gate, signatures, signing
 from tasks.adverse_events import AeReport, AeUpdate
 from tasks.delivery import load_channels
-from tasks.reports import cohort_status_table, next_cohort_table, review_markdown
+from tasks.reports import review_form_fields, review_form_markdown, review_markdown
 from tasks.settings import get_settings
 from tasks.staff import StaffId
 
 WIPED = "(spent: not kept)"  # what a run's parameters or input hold where the signing code was
 
 
-class AdjudicationRequest(BaseModel):
-    """The investigator's adjudication of one candidate DLT."""
+CONFIRMED, NOT_A_DLT = "DLT confirmed", "not a DLT"
 
-    ae_id: int
-    confirm: bool = Field(description="true: it is a DLT; false: it is not")
-    reason: str = Field(min_length=1, max_length=200)
-    investigator_id: str = Field(min_length=1, max_length=64)
+
+class AdjudicationRequest(BaseModel):
+    """The investigator's adjudication of one candidate DLT: an explicit choice, never a default."""
+
+    ae_id: int = Field(title="AE", description="the AE's number (the AE page's link fills it in)")
+    verdict: Literal["DLT confirmed", "not a DLT"] = Field(title="Your adjudication", description="choose one: there is no default")
+    reason: str = Field(min_length=1, max_length=200, description="why, in a sentence (kept with the adjudication)")
+    investigator_id: str = Field(min_length=1, max_length=64, title="Your staff ID")
     signing_code: str = Field(min_length=1, max_length=32, description="the one-time code sent to your own channel for this AE "
                               "(nktrial ae code --ae N --signer YOU); it is wiped from this run's parameters once read")
+
+
+    @property
+    def confirm(self) -> bool:
+        return self.verdict == CONFIRMED
 
 
 class AeRef(BaseModel):
     ae_id: int
 
 
-class PiDecision(RunInput):
-    """The PI's signed decision on a cohort."""
+MEANINGS = tuple(protocol().escalation.signature_meanings.value)  # the protocol file's allowed meanings of a signature
 
-    signer_id: str = Field(min_length=1, max_length=64, description="your staff ID")
-    printed_name: str = Field(min_length=1, max_length=120, description="your printed name; it must match the staff register's")
-    decision: Literal["escalate", "expand", "deescalate", "stop"] = Field(description="the recommendation or a more cautious action")
-    meaning: str = Field(default="Approval: I reviewed this cohort's DLT data and approve this dose-escalation decision", max_length=120)
-    rationale: str = Field(default="", max_length=500, description="why, in a sentence (required when more cautious than the rule)")
-    signing_code: str = Field(min_length=1, max_length=32, description="the one-time code sent to your own channel; wiped from "
-                              "this run once read")
+
+class PiDecision(RunInput):
+    """The PI's signed decision on a cohort. Each review's form (`_decision_form`) retitles the first two fields with the facts."""
+
+    decision: Literal["escalate", "expand", "deescalate", "stop"] = Field(title="Decision",
+                                                                          description="the recommendation or a more cautious action")
+    meaning: Literal[MEANINGS] = Field(title="Meaning of your signature", description="choose one: there is no default")
+    signer_id: str = Field(min_length=1, max_length=64, title="Your staff ID")
+    printed_name: str = Field(min_length=1, max_length=120, title="Your printed name", description="as on the staff register")
+    rationale: str = Field(default="", max_length=500, title="Rationale",
+                           description="why, in a sentence (required when more cautious than the rule)")
+    signing_code: str = Field(min_length=1, max_length=32, title="One-time signing code",
+                              description="sent to your own channel; wiped from this run once read")
 
 
 def _trial_instance() -> str:
@@ -97,7 +110,9 @@ def _schedule_sae_deadline(subject_id: str, ae_id: int) -> None:
 def report_adverse_event(report: AeReport, recorded_by: StaffId):
     """Record an AE and screen it against the DLT rules; a candidate DLT reaches the PI at once."""
     outcome = adverse_events.report_adverse_event(trial_engine(), protocol(), report=report, actor=recorded_by, clock=current_clock(),
-                                                  link=run_link())
+                                                  link=run_link(), ae_page=_ae_pages())
+    _publish_ae_page(outcome.ae_id)  # before the notice that links to it goes out
+    recorded_about(outcome.subject_id)  # the run's subject tag; the patient's casebook
     deliver_notices()
     if outcome.serious:
         _schedule_sae_deadline(report.subject_id, outcome.ae_id)
@@ -109,10 +124,34 @@ def report_adverse_event(report: AeReport, recorded_by: StaffId):
 @refuses_user_errors
 def update_adverse_event(update: AeUpdate, recorded_by: StaffId):
     outcome = adverse_events.update_adverse_event(trial_engine(), protocol(), update=update, actor=recorded_by, clock=current_clock(),
-                                                  link=run_link())
+                                                  link=run_link(), ae_page=_ae_pages())
+    _publish_ae_page(outcome.ae_id)
+    recorded_about(subject_of_ae(update.ae_id))
     deliver_notices()
     _send_adjudication_codes(outcome)
     return Completed(message=f"AE {outcome.ae_id}: DLT screen {outcome.screen.value} ({outcome.rule})")
+
+
+def _ae_page_key(ae_id: int, instance: str | None = None) -> str:
+    return f"ae-{ae_id}-{instance or _trial_instance()}"  # the trial instance: another trial database on this server never shares it
+
+
+def _ae_pages():
+    """AE id -> where a notice about it links: its page, one artifact updated in place (made now if new; its content is
+    written after the service commits). The service calls this inside its write transaction: the trial instance is read first."""
+    instance = _trial_instance()
+    return lambda ae_id: artifact_url(page_artifact(key=_ae_page_key(ae_id, instance), markdown=None, description=_ae_page_title(ae_id)))
+
+
+def _ae_page_title(ae_id: int) -> str:
+    return f"AE {ae_id}: summary, DLT screen, adjudication"
+
+
+def _publish_ae_page(ae_id: int) -> None:
+    """The AE's page: its summary and, for a candidate DLT, the link to the adjudicate-dlt form filled in for this AE."""
+    form = run_form_url("adjudicate-dlt/adjudicate-dlt", {"request": {"ae_id": ae_id}})
+    page_artifact(key=_ae_page_key(ae_id), markdown=adverse_events.ae_markdown(trial_engine(), protocol(), ae_id, adjudicate_link=form),
+                  description=_ae_page_title(ae_id))
 
 
 def _send_adjudication_codes(outcome) -> None:
@@ -130,9 +169,12 @@ def adjudicate_dlt(request: AdjudicationRequest):
                                                reason=request.reason, investigator_id=request.investigator_id, code=code,
                                                clock=current_clock(), link=run_link(), attempt_key=f"run-{flow_run.id}")
     deliver_notices()  # a lockout tells the safety desk and the PI
+    _publish_ae_page(request.ae_id)  # the AE's page now shows the adjudication
+    recorded_about(subject_of_ae(request.ae_id))
     review_if_ready()  # a second DLT at a level ends the cohort at once
-    verdict = "confirmed" if request.confirm else "rejected"
-    return Completed(message=f"AE {request.ae_id}: DLT {verdict}" + ("; 2 DLTs at the level: cohort review started" if early_stop else ""))
+    return Completed(name=request.verdict[0].upper() + request.verdict[1:],
+                     message=f"AE {request.ae_id}: {request.verdict}, signed by {request.investigator_id}"
+                     + ("; 2 DLTs at the level: cohort review started" if early_stop else ""))
 
 
 @flow(name="sae-deadline", flow_run_name="AE {ae.ae_id} · SAE deadline")
@@ -186,23 +228,30 @@ def _wipe_code_from_input(key: str, form: PiDecision) -> None:
         client.create_flow_run_input(flow_run.id, response, json.dumps(value))
 
 
-def _publish_review(d: EscalationDecision, state) -> None:
-    """The cohort status table and the review text as artifacts of this run."""
-    create_table_artifact(key=f"cohort-status-dl{d.from_level}", table=cohort_status_table(state),
-                          description=f"Cohort status at DL{d.from_level}: `{d.history}`")
-    md, table = review_markdown(protocol(), state, d), next_cohort_table(protocol(), state)
-    create_markdown_artifact(key=f"cohort-review-dl{d.from_level}", markdown=md + ("\n\n" + table if table else ""),
-                             description=f"Cohort review DL{d.from_level}")
+def _review_key(d: EscalationDecision) -> str:
+    return f"cohort-review-{d.id}-{_trial_instance()}"
 
 
-def _wait_for_signature(d: EscalationDecision, state):
-    """Suspend for the PI's form until a signature is accepted; each refusal is shown on the next form."""
+def _publish_review(d: EscalationDecision, state, signed=None, *, flow_run_id=None) -> str | None:
+    """The review's one artifact (the tally, the rule, each patient, the next cohort; once signed, the signature), on the
+    review run, updated in place on every attempt. Returns its address for the form's link."""
+    artifact_id = upsert_markdown_artifact(key=_review_key(d), markdown=review_markdown(protocol(), state, d, signed),
+                                           description=f"Cohort review DL{d.from_level}, decision {d.id}: "
+                                                       + (signed.sentence if signed else "waiting for the PI's signature"),
+                                           flow_run_id=flow_run_id)
+    return artifact_url(artifact_id)
+
+
+def _wait_for_signature(d: EscalationDecision, state, details_url: str | None):
+    """Suspend for the PI's form until a signature is accepted. A refusal keeps the run suspended: the state's message and
+    the top of the next form say why. Each attempt is replayed from its attempt key when the run re-runs from the top."""
     attempt, refused = 0, None
     while True:
         _send_codes(signing.SignedAct.decision(d.id), f"decision {d.id}")
         key = f"decision-{d.id}-{attempt}"
-        form = suspend_flow_run(wait_for_input=PiDecision.with_initial_data(description=review_markdown(protocol(), state, d, refused)),
-                                key=key, timeout=None)
+        described = _decision_form(d, state, refused).with_initial_data(
+            description=review_form_markdown(protocol(), state, d, refused=refused, details_url=details_url))
+        form = suspend_with_message(described, key=key, message=f"Signature refused: {refused}" if refused else None)
         outcome = signatures.sign_decision(trial_engine(), protocol(), decision_id=d.id, signer_id=form.signer_id,
                                            printed_name=form.printed_name, action=Action(form.decision), rationale=form.rationale,
                                            code=form.signing_code, meaning=form.meaning, attempt_key=f"ui-{attempt}",
@@ -216,21 +265,77 @@ def _wait_for_signature(d: EscalationDecision, state):
         refused, attempt = outcome.reason, attempt + 1
 
 
+def _decision_form(d: EscalationDecision, state, refused: str | None) -> type[PiDecision]:
+    """PiDecision whose first fields carry the refusal, the recommendation, the tally, the allowed choices and the statement."""
+    from pydantic import create_model
+
+    text = review_form_fields(protocol(), state, d, refused=refused)
+    decision = PiDecision.model_fields["decision"]
+    return create_model("PiDecision", __base__=PiDecision,
+                        decision=(decision.annotation, Field(title=text["decision_title"], description=text["decision_description"])),
+                        meaning=(Literal[MEANINGS], Field(title=text["meaning_title"], description=text["meaning_description"])))
+
+
+def on_decision_signed(decision_id: int) -> None:
+    """The one place a just-signed decision is handled, signed in the Resume form or from the command line (no flow run
+    context needed): the review artifact shows the signature; the runs of patients a stop or de-escalation left undosed
+    are cancelled; the dashboard artifact is refreshed."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.reports import dashboard
+
+    engine, p = trial_engine(), protocol()
+    with Session(engine) as s:
+        d = s.get(EscalationDecision, decision_id)
+        board = dashboard(s, p).markdown()
+    signed = signatures.signed_decision(engine, p, decision_id)
+    if d.review_flow_run_id:
+        _publish_review(d, escalation_gate.read_trial_state(engine, p), signed, flow_run_id=d.review_flow_run_id)
+    with get_client(sync_client=True) as client:  # a stop or de-escalation: the runs of patients it left undosed are cancelled
+        closure.reproject_not_dosed(client, engine, now=current_clock()())
+    create_markdown_artifact(key="trial-dashboard", markdown=board, description="Cohort and trial dashboard")
+
+
+def complete_signed_review(decision_id: int) -> str | None:
+    """A decision signed from the command line: handle it (on_decision_signed), then complete its paused review run with
+    the signed decision as the state's name and message. Returns the run's id, or None when no run holds the review."""
+    from prefect.states import Completed as done
+
+    engine = trial_engine()
+    signed = signatures.signed_decision(engine, protocol(), decision_id)
+    with Session(engine) as s:
+        run_id = s.get(EscalationDecision, decision_id).review_flow_run_id
+    on_decision_signed(decision_id)
+    if not run_id or signed is None:
+        return None
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        if run.state is None or not run.state.is_final():
+            client.set_flow_run_state(run.id, done(name=signed.state_name, message=signed.sentence), force=True)
+    return run_id
+
+
+def _signed_state(signed: signatures.SignedDecision) -> State:
+    return Completed(name=signed.state_name, message=signed.sentence)
+
+
 @flow(name="cohort-review", flow_run_name="cohort review")
-def cohort_review() -> str:
+def cohort_review():
     """Compute the 3+3 recommendation from adjudicated outcomes and wait, suspended, for the PI's signed decision."""
-    d = open_review_task()
+    engine = trial_engine()
+    d = escalation_gate.review_held_by(engine, str(flow_run.id)) or open_review_task()
     if d is None:
         return "no cohort is ready for review"
-    if d.status == DecisionStatus.SIGNED:
-        return f"decision {d.id} is already signed"
-    engine = trial_engine()
+    signed = signatures.signed_decision(engine, protocol(), d.id)
+    if signed is not None:  # signed elsewhere (the command line) before this run resumed
+        return _signed_state(signed)
     state = escalation_gate.read_trial_state(engine, protocol())
     escalation_gate.record_review_run(engine, decision_id=d.id, flow_run_id=str(flow_run.id), clock=current_clock())
-    _publish_review(d, state)
+    details = _publish_review(d, state)
     escalation_gate.announce_review(engine, d, clock=current_clock(), link=run_link())
     deliver_notices()
-    outcome = _wait_for_signature(d, state)
+    outcome = _wait_for_signature(d, state, details)
+    on_decision_signed(d.id)
     deliver_notices()
     get_run_logger().info("decision %d %s", d.id, outcome.reason)
-    return outcome.reason
+    return _signed_state(signatures.signed_decision(engine, protocol(), d.id))

@@ -14,6 +14,7 @@ from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from flows.common import UserError, current_clock, protocol, refuses_user_errors, trial_engine
+from flows.forms import optional_date, optional_text
 from protocol.roles import STAFF_ID, Role
 from tasks import staff
 from tasks.staff import StaffId
@@ -24,13 +25,11 @@ class StaffChangeForm(BaseModel):
 
     action: Literal["add", "deactivate"] = Field(description="add a staff member, or end one's authority from now")
     staff_id: str = Field(pattern=STAFF_ID.pattern, min_length=2, max_length=32, description="the staff member's ID, e.g. nurse-01")
-    printed_name: str | None = Field(default=None, max_length=120, description="add: the name as it appears on a signature")
+    printed_name: optional_text(120, "add: the name as it appears on a signature")
     roles: list[Role] = Field(default_factory=list, description="add: their roles on the delegation log")
-    channel_tag: str | None = Field(default=None, max_length=64,
-                                    description="add: apprise tag of their own channel (default: staff: and the staff ID, e.g. staff:nurse-01)")
-    active_from_on: dt.date | None = Field(default=None, description="add: the date their authority starts, from 00:00 site time "
-                                                                     "(the protocol's timezone); default: now")
-    reason: str | None = Field(default=None, max_length=300, description="deactivate: why (kept in the audit trail)")
+    channel_tag: optional_text(64, "add: apprise tag of their own channel (default: staff: and the staff ID, e.g. staff:nurse-01)")
+    active_from_on: optional_date("add: the date their authority starts, from 00:00 site time (the protocol's timezone); default: now")
+    reason: optional_text(300, "deactivate: why (kept in the audit trail)")
     recorded_by: StaffId
 
 
@@ -51,4 +50,4 @@ def manage_staff(change: StaffChangeForm):
         out = staff.deactivate_staff(trial_engine(), protocol(), staff_id=change.staff_id, reason=change.reason or "",
                                      actor=change.recorded_by, clock=current_clock())
     get_run_logger().info(out.message)
-    return Completed(message=out.message)
+    return Completed(name="Added" if change.action == "add" else "Deactivated", message=out.message)

@@ -8,6 +8,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
+from flows.casebook import publish_casebook, tag_run
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
 from flows.safety import review_if_ready
 from tasks.due_events import act_on_event
@@ -27,6 +28,21 @@ class TreatmentEventRef(BaseModel):
 
     subject_id: str = Field(description="e.g. S-003")
     event_key: str = Field(description="e.g. nk_infusion-2, visit_1_month, pk_sample-infusion_1+7")
+    label: str = Field(default="", max_length=120, description="the event in words, e.g. infusion 2 prep: the run's name")
+
+
+def _event_run_name() -> str:
+    """`S-001 · infusion 2 prep`: the name the projection gave the run, kept when it runs (never the event key)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    event = (ctx.parameters or {}).get("event") if ctx else None
+    ref = event if isinstance(event, TreatmentEventRef) else \
+        TreatmentEventRef.model_validate(event or {"subject_id": "?", "event_key": "?"})
+    current = ctx.flow_run.name if ctx and ctx.flow_run else ""
+    if ref.label:
+        return f"{ref.subject_id} · {ref.label}"
+    return current if current.startswith(f"{ref.subject_id} · ") else f"{ref.subject_id} · {ref.event_key}"
 
 
 @task(name="store-calendar")
@@ -48,25 +64,29 @@ def project_runs_task(subject_id: str) -> str:
 def patient_treatment(subject: SubjectRef) -> str:
     """Compute and store the patient's calendar, then reconcile its scheduled runs (safe to re-run)."""
     sid = subject.subject_id
+    tag_run(sid)
     version = store_calendar_task(sid)
     report = project_runs_task(sid)
     with Session(trial_engine()) as s:
         table = schedule_table(s, protocol(), sid)
     create_table_artifact(
         key=f"subject-{sid.lower()}-schedule".replace("_", "-"), table=table,
-        description=f"**{sid}** treatment calendar (site time, {protocol().timezone}); anchor version {version}",
+        description=f"**{sid}** treatment calendar; dates and times are site time, **{protocol().timezone}**; anchor version {version}",
     )
+    publish_casebook(sid)
     deliver_notices()
     get_run_logger().info("%s: calendar %s; runs %s", sid, version, report)
     return report
 
 
-@flow(name="treatment-event", flow_run_name="{event.subject_id} · {event.event_key}")
+@flow(name="treatment-event", flow_run_name=_event_run_name)
 def treatment_event(event: TreatmentEventRef) -> str:
     """Act on one calendar event when due: reminders, product request, visit window, DLT window closed."""
     action = act_on_event(trial_engine(), protocol(), subject_id=event.subject_id, event_key=event.event_key,
                           clock=current_clock(), link=run_link())
     get_run_logger().info(action.why)
+    if action.acted:
+        publish_casebook(event.subject_id)
     if action.notices:
         deliver_notices()
     if action.review_ready:  # the cohort's last DLT window closed: hand over to the escalation gate

@@ -61,6 +61,13 @@ class OffStudyReason(StrEnum):
     PROGRESSION = "progression"
     LOST_TO_FOLLOW_UP = "lost_to_follow_up"
     INVESTIGATOR_DECISION = "investigator_decision"
+    TRIAL_STOPPED = "trial_stopped"  # set by a signed stop for a patient not yet dosed (tasks.closure)
+    DOSE_LEVEL_CLOSED = "dose_level_closed"  # set by a signed de-escalation for a patient not yet dosed at that level
+
+    @property
+    def set_by_a_signed_decision(self) -> bool:
+        """Only a signed stop or de-escalation takes a patient off study for this reason, never a person's entry."""
+        return self in (OffStudyReason.TRIAL_STOPPED, OffStudyReason.DOSE_LEVEL_CLOSED)
 
 
 class LabKind(StrEnum):

@@ -17,13 +17,18 @@ from models.tables import (
     CalendarEventRow,
     DoseLevelState,
     Enrollment,
+    EscalationDecision,
     LevelStatus,
+    OffStudyReason,
     ProtocolVersion,
+    Signature,
     Subject,
     SubjectStatus,
 )
 from protocol.calendar import EventKey
+from protocol.cohorts import not_dosed_words
 from protocol.errors import UserError
+from protocol.three_plus_three import Action
 
 ACTIVE = (SubjectStatus.ENROLLED, SubjectStatus.ON_TREATMENT, SubjectStatus.FOLLOW_UP)
 
@@ -91,3 +96,36 @@ def open_slot(session: Session) -> OpenSlot | None:
     """The open dose level and its count, or None when no level is open (between reviews, or stopped)."""
     level = session.exec(select(DoseLevelState).where(DoseLevelState.status == LevelStatus.OPEN)).first()
     return None if level is None else OpenSlot(level, enrolled_at_level(session, level.level))
+
+
+# -- a signed stop or de-escalation: who will not be dosed (tasks.closure) ---------------------------
+
+NOT_DOSED_REASONS = {OffStudyReason.TRIAL_STOPPED: Action.STOP, OffStudyReason.DOSE_LEVEL_CLOSED: Action.DEESCALATE}
+
+
+def dosed_subject_pks():
+    """A subquery of the patients given at least one NK infusion."""
+    return select(Administration.subject_pk).where(Administration.kind == AdministrationKind.NK_INFUSION, Administration.given)
+
+
+def undosed_on_study(session: Session, levels: tuple[int, ...]) -> list[Subject]:
+    """Patients on study at these dose levels who have not been given any NK infusion yet."""
+    if not levels:
+        return []
+    return list(session.exec(select(Subject).where(Subject.status.in_(ACTIVE), Subject.dose_level.in_(list(levels)),
+                                                   Subject.id.not_in(dosed_subject_pks())).order_by(Subject.subject_id)).all())
+
+
+def not_dosed(session: Session) -> dict[int, tuple[str, str]]:
+    """Subject pk → (subject ID, status in words) for each patient a signed stop or de-escalation left
+    undosed, e.g. "not dosed: trial stopped"."""
+    rows = session.exec(select(Subject).where(Subject.status == SubjectStatus.OFF_STUDY,
+                                              Subject.off_study_reason.in_(list(NOT_DOSED_REASONS)),
+                                              Subject.id.not_in(dosed_subject_pks())).order_by(Subject.subject_id)).all()
+    return {s.id: (s.subject_id, not_dosed_words(NOT_DOSED_REASONS[s.off_study_reason], dose_level=s.dose_level)) for s in rows}
+
+
+def signed_stop(session: Session) -> tuple[EscalationDecision, Signature] | None:
+    """The signed decision that stopped the trial, with its signature, or None while the trial runs."""
+    return session.exec(select(EscalationDecision, Signature).join(Signature, Signature.decision_id == EscalationDecision.id)
+                        .where(EscalationDecision.chosen_action == Action.STOP)).first()

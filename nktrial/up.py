@@ -141,10 +141,11 @@ NCT06641648 orchestrator is up.
   notices      {channel}
 {first}
 What to do first:
-  1. Open {ui}/deployments and pick enroll-patient → Run → Custom run. Paste a screening record
-     (see examples/screening-S-001.json) and the planned day 0 (site time, e.g. 2027-01-31T09:00).
-  2. Watch the patient's runs under Runs, filtered by tag subject:S-001, and the schedule table
-     under Artifacts (subject-s-001-schedule).
+  1. Open {ui}/deployments and pick enroll-patient → Run → Custom run. Fill in the screening
+     checklist (sections 1 to 7; empty means unknown, washouts take a date or never) and the
+     planned day 0 in site time (e.g. 2027-01-31 09:00), or paste a screening record as JSON.
+  2. Artifacts → worklist: what is due today and in the next 7 days; casebook-s-001: one
+     patient's record, with a link to all their runs, done and planned.
   3. daily-rounds runs every morning at 07:00 site time; run it by hand from its deployment too.
 
 Press Ctrl-C to stop the worker and the server.

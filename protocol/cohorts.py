@@ -40,6 +40,7 @@ class PatientRecord:
     dlt_window_closed_at: dt.datetime | None = None
     had_dlt: bool = False  # a confirmed (adjudicated) DLT
     dlt_adjudicated_at: dt.datetime | None = None
+    not_dosed: str | None = None  # words, when a signed stop or de-escalation ended their dosing before it began
 
 
 @dataclass
@@ -59,6 +60,8 @@ def patient_outcome(p: PatientRecord) -> tuple[PatientOutcome, dt.datetime | Non
     instant their outcome became known (None while it is not)."""
     if p.had_dlt:
         letter, status, known_at = "T", "DLT (adjudicated)", p.dlt_adjudicated_at
+    elif p.not_dosed:
+        letter, status, known_at = None, p.not_dosed, None
     elif p.dlt_window_closed_at is not None and p.evaluable:
         letter, status, known_at = "N", "DLT window closed, no DLT", p.dlt_window_closed_at
     elif p.evaluable is False:
@@ -166,3 +169,34 @@ def check_choice(*, decision_id: int, recommended: Action, recommended_level: in
 def declared_mtd(recommended: Action, action: Action, mtd: int | None) -> int | None:
     """The MTD a signed decision declares: the rule's, when both the rule and the PI stop; a PI's early stop declares none."""
     return mtd if (action is Action.STOP and recommended is Action.STOP) else None
+
+
+# -- what a signed decision closes for patients not yet dosed ---------------------------------------
+
+def levels_closed_to_undosed(action: Action, *, from_level: int, num_levels: int) -> tuple[int, ...]:
+    """The dose levels at which a signed action ends dosing for patients enrolled but not yet dosed
+    (no NK infusion given). An assumption on INTERPRETATION.md, "Dose escalation: classical 3+3":
+
+    - stop: every level. Nobody more is dosed; the trial ends.
+    - de-escalate: the level de-escalated from. It is too toxic, so no new patient receives it; a
+      patient waiting there is not moved to the level below (that would be a new enrollment).
+    - escalate, expand: none. An escalation needs every patient of the level through their DLT
+      window, so nobody waits there undosed; an expansion keeps the level open.
+
+    A patient already dosed stays in the tally and keeps their whole follow-up (DLT window, IL-2,
+    visits, PK samples) and their remaining infusion; the investigator may take them off study.
+    """
+    match action:
+        case Action.STOP:
+            return tuple(range(1, num_levels + 1))
+        case Action.DEESCALATE:
+            return (from_level,)
+        case _:
+            return ()
+
+
+def not_dosed_words(action: Action, *, dose_level: int) -> str:
+    """A not-dosed patient's status in words, e.g. "not dosed: trial stopped"."""
+    if action is Action.STOP:
+        return "not dosed: trial stopped"
+    return f"not dosed: DL{dose_level} closed after de-escalation"

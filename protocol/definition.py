@@ -267,6 +267,7 @@ class Escalation(_Strict):
     signing_code_valid_hours: Sourced[int]
     signing_max_wrong_codes: Sourced[int]
     signing_lockout_minutes: Sourced[int]
+    signature_meanings: Sourced[tuple[str, ...]]
 
     @model_validator(mode="after")
     def _sizes(self) -> Escalation:
@@ -282,6 +283,9 @@ class Escalation(_Strict):
             raise ValueError("signing_max_wrong_codes must be from 1 to 20")
         if not 1 <= self.signing_lockout_minutes.value <= 24 * 60:
             raise ValueError("signing_lockout_minutes must be from 1 to 1440")
+        meanings = self.signature_meanings.value
+        if not meanings or any(not 1 <= len(m) <= 120 or ":" not in m for m in meanings):
+            raise ValueError("signature_meanings must list at least one meaning, each 'Word: what it means', at most 120 characters")
         return self
 
 

@@ -173,8 +173,8 @@ class _Screen:
         c = self.p.eligibility.criterion(cid)
         v = getattr(self.rec, field)
         status = Status.UNKNOWN if v is None else Status.MET if v else Status.NOT_MET
-        why = {Status.UNKNOWN: f"{field} not recorded", Status.MET: "present: excludes", Status.NOT_MET: "absent"}[status]
-        self.add(c, status, f"{field}={_fmt(v)}", "must be absent", why)
+        why = {Status.UNKNOWN: "not recorded", Status.MET: "present: excludes", Status.NOT_MET: "absent"}[status]
+        self.add(c, status, _fmt(v), "must be absent", why)
 
 
 def washout_days(w: Washout, rec: ScreeningRecord, last_on: dt.date) -> tuple[int | None, str]:
@@ -249,7 +249,8 @@ def screen(protocol: ProtocolDefinition, rec: ScreeningRecord, *, day0_on: dt.da
           f"creatinine ≤ {c.creatinine_max_uln:g}×ULN or CrCl ≥ {c.min_creatinine_clearance_ml_min} mL/min", "renal function")
     c = crit("I5_CARDIAC")
     v = rec.lvef_percent
-    s.add(c, Status.UNKNOWN if v is None else _tri(v >= c.min_lvef_percent), f"{_fmt(v)}%", f"≥ {c.min_lvef_percent}%", "cardiac function")
+    s.add(c, Status.UNKNOWN if v is None else _tri(v >= c.min_lvef_percent), "missing" if v is None else f"{v:g}%",
+          f"≥ {c.min_lvef_percent}%", "cardiac function")
     c = crit("I6")
     s.add(c, _tri(rec.contraception_commitment), _fmt(rec.contraception_commitment), "committed", "for 12 months after infusion")
     c = crit("I7")
@@ -260,7 +261,7 @@ def screen(protocol: ProtocolDefinition, rec: ScreeningRecord, *, day0_on: dt.da
     s.flag("E4", "hypersensitivity_murine_or_biologics")
     c = crit("E5")
     v = rec.contraception_commitment
-    s.add(c, Status.UNKNOWN if v is None else Status.NOT_MET if v else Status.MET, f"contraception_commitment={_fmt(v)}",
+    s.add(c, Status.UNKNOWN if v is None else Status.NOT_MET if v else Status.MET, f"commits to contraception: {_fmt(v)}",
           "must be able to commit", "same fact as inclusion 6")
     s.flag("E6", "pregnant_or_lactating")
     s.flag("E7", "serious_autoimmune_or_immunodeficiency")
@@ -287,7 +288,7 @@ def _washouts(s: _Screen, protocol: ProtocolDefinition, rec: ScreeningRecord, da
         last = getattr(rec, w.field)
         if last is None:
             incomplete = True
-            s.add(c, Status.UNKNOWN, f"{w.field} missing", w.label, f"{w.label}: give the last date, or \"never\"")
+            s.add(c, Status.UNKNOWN, "last date missing", w.label, f"{w.label}: give the last date, or \"never\"")
             continue
         if last == "never":
             s.add(c, Status.NOT_MET, "never", w.label, f"{w.label}: never received")
@@ -311,3 +312,30 @@ def _washouts(s: _Screen, protocol: ProtocolDefinition, rec: ScreeningRecord, da
         r.model_copy(update={"id": f"{r.id}.{w.id}"}) for r, w in zip(s.results[-len(protocol.eligibility.washouts):], protocol.eligibility.washouts)
     ]
     return (max(bounds) if bounds else None), incomplete
+
+
+# -- words: what a person reads on the form and in the screening artifact (no decision here) --------------------
+
+
+def washout_in_words(protocol: ProtocolDefinition, w: Washout) -> str:
+    """How long before day 0 the last dose must be, in words from the protocol file, e.g. 'more than 3 days'."""
+    relation = "more than" if protocol.eligibility.washout_boundary.value == "inclusive" else "at least"
+    if w.months is not None:
+        return f"{relation} {w.months} months"
+    if w.half_lives is not None:
+        return f"{relation} the {w.rule} of {w.days} days or {w.half_lives} half-lives"
+    return f"{relation} {w.days} days"
+
+
+def criterion_in_words(c: CriterionResult) -> str:
+    """A criterion as a coordinator reads it: the protocol's text, what a washout row is about, and its ID."""
+    if "." in c.id:  # a washout row (E2.<washout>, E3.<washout>): name the therapy, which the reason starts with
+        return f"{c.text}: {c.reason.split(':')[0]} ({c.id})"
+    return f"{c.text} ({c.id})"
+
+
+def status_in_words(c: CriterionResult) -> str:
+    """MET / NOT MET / UNKNOWN, and whether that lets the candidate in: plain words, no symbols a browser may lack."""
+    word = c.status.value.replace("_", " ").upper()
+    effect = {True: "passes", False: "keeps the candidate out", None: "data missing"}[c.allows_enrollment]
+    return f"{word}, {effect}"

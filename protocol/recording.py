@@ -46,6 +46,11 @@ def site_local(protocol: ProtocolDefinition, value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is None else to_local(protocol.timezone, value)
 
 
+def site_text(protocol: ProtocolDefinition, value: dt.datetime) -> str:
+    """A time as people read it: site-local wall time with the zone named, e.g. '2027-01-31 09:10 Asia/Shanghai'."""
+    return f"{site_local(protocol, value):%Y-%m-%d %H:%M} {protocol.timezone}"
+
+
 def site_today(protocol: ProtocolDefinition, now: dt.datetime) -> dt.date:
     """The site's local date at the instant `now`."""
     return to_local(protocol.timezone, now).date()

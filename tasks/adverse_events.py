@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -74,9 +75,13 @@ class AeOutcome:
 
 # -- reporting and the DLT screen ------------------------------------------------------------------
 
+AePage = Callable[[int], str | None]  # an AE's id -> the address of its page (the AE summary and the adjudication form's link)
+
+
 def report_adverse_event(engine, protocol: ProtocolDefinition, *, report: AeReport, actor: str, clock: Clock,
-                         link: str | None = None) -> AeOutcome:
-    """Record an AE, screen it against the DLT rules; a candidate reaches the PI and coordinator at once."""
+                         link: str | None = None, ae_page: AePage | None = None) -> AeOutcome:
+    """Record an AE, screen it against the DLT rules; a candidate reaches the PI and coordinator at once.
+    With `ae_page`, the candidate's notice links to the AE's page instead of `link`."""
     with UnitOfWork(engine, actor=recorded_as(actor), reason=f"AE reported for {report.subject_id}", clock=clock) as u:
         s = u.session
         authorize(s, protocol, actor=actor, act=Act.REPORT_AE, at=u.at)
@@ -88,7 +93,7 @@ def report_adverse_event(engine, protocol: ProtocolDefinition, *, report: AeRepo
                           **report.model_dump(exclude={"subject_id", "term"}))
         s.add(ae)
         s.flush()
-        screen, rule = _apply_screen(s, protocol, ae, subject, u.at, link)
+        screen, rule = _apply_screen(s, protocol, ae, subject, u.at, _page(ae.id, link, ae_page))
         if report.serious:
             _start_sae_clock(s, protocol, ae, report.subject_id, u.at, link)
         u.commit()
@@ -103,7 +108,7 @@ def _check_report_dates(report: AeReport, *, today: dt.date) -> None:
 
 
 def update_adverse_event(engine, protocol: ProtocolDefinition, *, update: AeUpdate, actor: str, clock: Clock,
-                         link: str | None = None) -> AeOutcome:
+                         link: str | None = None, ae_page: AePage | None = None) -> AeOutcome:
     """Change an AE; the audit trail keeps every earlier value; the DLT screen runs again."""
     with UnitOfWork(engine, actor=recorded_as(actor), reason=update.reason, clock=clock) as u:
         s = u.session
@@ -115,9 +120,13 @@ def update_adverse_event(engine, protocol: ProtocolDefinition, *, update: AeUpda
         for key, value in changes.items():
             setattr(ae, key, value)
         subject = s.get(Subject, ae.subject_pk)
-        screen, rule = _apply_screen(s, protocol, ae, subject, u.at, link)
+        screen, rule = _apply_screen(s, protocol, ae, subject, u.at, _page(ae.id, link, ae_page))
         u.commit()
         return AeOutcome(ae.id, subject.subject_id, screen, rule, ae.serious)
+
+
+def _page(ae_id: int, link: str | None, ae_page: AePage | None) -> str | None:
+    return (ae_page(ae_id) if ae_page else None) or link
 
 
 def _require_ae(s: Session, ae_id: int) -> AdverseEvent:
@@ -215,6 +224,35 @@ def _confirmed_dlts_at(session: Session, level: int) -> int:
     return session.exec(select(sa.func.count()).select_from(AdverseEvent)
                         .join(Enrollment, Enrollment.subject_pk == AdverseEvent.subject_pk)
                         .where(Enrollment.dose_level == level, AdverseEvent.adjudication == Adjudication.CONFIRMED)).one()
+
+
+def ae_markdown(engine, protocol: ProtocolDefinition, ae_id: int, *, adjudicate_link: str | None) -> str:
+    """The AE's page: its summary, its DLT screen and adjudication, and the link to the adjudication form.
+    (The page lives in Prefect, behind the UI's login; notices carry only the subject ID, the event and its link.)"""
+    from protocol.dates import to_local
+
+    with Session(engine) as s:
+        ae = _require_ae(s, ae_id)
+        sid = s.get(Subject, ae.subject_pk).subject_id
+    tz = protocol.timezone
+    status = {Adjudication.PENDING: "**waiting for adjudication**", Adjudication.CONFIRMED: "**DLT confirmed**",
+              Adjudication.REJECTED: "**not a DLT**", Adjudication.NOT_CANDIDATE: "not a candidate DLT"}[Adjudication(ae.adjudication)]
+
+    def yes_no(v):
+        return "—" if v is None else "yes" if v else "no"
+
+    rows = [("subject", sid), ("term (CTCAE)", ae.term), ("category", str(ae.category).replace("_", " ")), ("grade", ae.grade),
+            ("onset", ae.onset_on), ("attribution", ae.attribution), ("serious", yes_no(ae.serious)),
+            ("resolved on", ae.resolved_on or "—"), ("DLT screen", f"{ae.dlt_screen} ({ae.dlt_rule})"), ("adjudication", status)]
+    if ae.adjudicated_by:
+        rows.append(("adjudicated", f"by {ae.adjudicated_by} on {to_local(tz, ae.adjudicated_at):%Y-%m-%d %H:%M} {tz}: "
+                                    f"{ae.adjudication_reason}"))
+    lines = [f"# AE {ae.id} · {sid} · {status}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if adjudicate_link and ae.dlt_screen != DltScreen.NOT_CANDIDATE:
+        lines += ["", f"**[Adjudicate AE {ae.id} →]({adjudicate_link})** opens the `adjudicate-dlt` form for this AE: choose "
+                      "*DLT confirmed* or *not a DLT* (there is no default), say why, and sign with your staff ID and the one-time code "
+                      "sent to your own channel."]
+    return "\n".join(lines)
 
 
 def pending_adjudications(session: Session) -> list[tuple[str, int]]:

@@ -45,6 +45,11 @@ _ACTIONS = {
 }
 
 
+def told_roles(kind: EventKind) -> tuple[Role, ...]:
+    """Who a due event's notice goes to (the worklist's "who" for events no one records)."""
+    return _ACTIONS[kind][1] if kind in _ACTIONS else ()
+
+
 def act_on_event(
     engine: sa.Engine, protocol: ProtocolDefinition, *, subject_id: str, event_key: str, clock: Clock, link: str | None = None,
 ) -> EventAction:

@@ -28,6 +28,7 @@ from protocol.eligibility import ScreeningRecord, ScreeningResult, Verdict, scre
 from protocol.errors import UserError
 from protocol.recording import site_instant, site_local, site_today
 from protocol.roles import Act, Role
+from tasks.closure import refuse_enrollment_after_stop
 from tasks.escalation_gate import assert_level_approved
 from tasks.notices import Notice, NoticeEvent, enqueue
 from tasks.recording import actual_infusions, refresh_calendar
@@ -87,6 +88,7 @@ def _enroll_once(engine, protocol, *, record, result, day0, actor, clock, link) 
     with UnitOfWork(engine, actor=recorded_as(actor), reason=f"enrollment of {sid}", clock=clock) as u:
         s = u.session
         authorize(s, protocol, actor=actor, act=Act.ENROLL, at=u.at)
+        refuse_enrollment_after_stop(s, protocol, sid)
         register_protocol(s, protocol=protocol, at=u.at)
         subject = _screened_subject(s, sid, u.at)
         store_screening(s, subject=subject, result=result, at=u.at)

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from models.clock import Clock
 from models.db import UnitOfWork
-from models.queries import enrolled_at_level
+from models.queries import enrolled_at_level, not_dosed
 from models.tables import (
     Adjudication,
     AdverseEvent,
@@ -44,8 +44,10 @@ def trial_state(session: Session, protocol: ProtocolDefinition) -> TrialState:
     rows = session.exec(select(Enrollment, Subject).join(Subject, Subject.id == Enrollment.subject_pk).order_by(Enrollment.id)).all()
     dlt_at = {pk: at for pk, at in session.exec(select(AdverseEvent.subject_pk, AdverseEvent.adjudicated_at)
                                                  .where(AdverseEvent.adjudication == Adjudication.CONFIRMED))}
+    undosed = not_dosed(session)  # a signed stop or de-escalation ended their dosing before it began
     records = [PatientRecord(subj.subject_id, e.dose_level, e.cohort, e.evaluable, e.dlt_window_closed_at,
-                             had_dlt=subj.id in dlt_at, dlt_adjudicated_at=dlt_at.get(subj.id)) for e, subj in rows]
+                             had_dlt=subj.id in dlt_at, dlt_adjudicated_at=dlt_at.get(subj.id),
+                             not_dosed=undosed[subj.id][1] if subj.id in undosed else None) for e, subj in rows]
     return cohort_state(design_for(protocol), records)
 
 
@@ -103,6 +105,12 @@ def record_review_run(engine, *, decision_id: int, flow_run_id: str, clock: Cloc
             row.review_flow_run_id = flow_run_id
             u.session.add(row)
             u.commit()
+
+
+def review_held_by(engine, flow_run_id: str) -> EscalationDecision | None:
+    """The decision whose review this flow run holds (the run re-runs from the top after each resume)."""
+    with Session(engine) as s:
+        return s.exec(select(EscalationDecision).where(EscalationDecision.review_flow_run_id == flow_run_id)).first()
 
 
 def announce_review(engine, d: EscalationDecision, *, clock: Clock, link: str | None = None) -> None:

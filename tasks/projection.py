@@ -30,6 +30,7 @@ from sqlmodel import Session, select
 
 from models.queries import ACTIVE, trial_instance
 from models.tables import CalendarEventRow, EventStatus, Subject
+from protocol.calendar import EventKind
 from protocol.reminders import ACTION_BY_KIND, reminder_label
 
 TREATMENT_EVENT = "treatment-event/treatment-event"
@@ -74,6 +75,9 @@ class ReconcileReport:
 
 
 def _run_label(row: CalendarEventRow) -> str:
+    """The run's name after the subject, the same before and after it runs (treatment-event keeps it): "infusion 2 prep"."""
+    if row.kind is EventKind.PK_SAMPLE:  # "PK sample day 7", "PK sample day 14 (pre-infusion 2)"
+        return row.label
     return reminder_label(row, ACTION_BY_KIND[row.kind])
 
 
@@ -168,7 +172,7 @@ def project(
 
 def _create(client, deployment_id, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:
     return client.create_flow_run_from_deployment(
-        deployment_id, parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key}},
+        deployment_id, parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}},
         state=Scheduled(scheduled_time=max(spec.trigger_at, now)), name=spec.name, tags=spec.tags, idempotency_key=key,
     )
 

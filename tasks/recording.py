@@ -37,7 +37,7 @@ from protocol.calendar import Calendar, EventKey, EventKind, compute_calendar
 from protocol.dates import local_instant, to_local
 from protocol.definition import ProtocolDefinition
 from protocol.errors import UserError
-from protocol.recording import MrdStatus, Response, VisitKind, site_instant, site_local, site_today
+from protocol.recording import MrdStatus, Response, VisitKind, site_instant, site_local, site_text, site_today
 from protocol.roles import Act, Role
 from tasks.due_events import open_replacement_slot
 from tasks.escalation_gate import assert_level_approved
@@ -79,7 +79,8 @@ def _on_study(session: Session, subject_id: str) -> Subject:
     if subject.status is SubjectStatus.OFF_STUDY:
         raise UserError(f"subject_id {subject.subject_id} is off study since {subject.off_study_on}; nothing more can be recorded")
     if subject.status not in ACTIVE:
-        raise UserError(f"subject_id {subject.subject_id} is {subject.status.value.replace('_', ' ')}, not enrolled; nothing can be recorded yet")
+        raise UserError(f"subject_id {subject.subject_id} is {subject.status.value.replace('_', ' ')}, not enrolled; "
+                        "nothing can be recorded yet")
     return subject
 
 
@@ -131,11 +132,11 @@ def _check_infusion(s: Session, protocol: ProtocolDefinition, subject: Subject, 
     sid, n = subject.subject_id, key.number
     rules.check_assigned_level(sid, dose_level, subject.dose_level)
     assert_level_approved(s, dose_level, f"NK infusion for {sid}")
-    rules.no_future("given_at", given_local, to_local(protocol.timezone, now))
+    _not_future(protocol, "given_at", given_local, now)
     existing = _administration(s, subject, key)
     if existing is not None:
-        raise UserError(f"NK infusion {n} for {sid} is already recorded "
-                        f"({to_local(protocol.timezone, existing.given_at):%Y-%m-%d %H:%M}); it cannot be entered twice")
+        raise UserError(f"NK infusion {n} for {sid} is already recorded (given at {site_text(protocol, existing.given_at)}); "
+                        "it cannot be entered twice")
     rules.check_infusion_order(sid, n, given_infusions(s, subject))
     rules.check_dose(protocol, dose_level=subject.dose_level, cells_infused=cells_infused, deviation_reason=deviation_reason)
     if n == 1:
@@ -143,6 +144,13 @@ def _check_infusion(s: Session, protocol: ProtocolDefinition, subject: Subject, 
         return deviation_reason
     row = calendar_event(s, subject, key)  # its window was re-anchored to the actual infusion 1 when that was recorded
     return rules.in_window(f"NK infusion {n}", given_local.date(), row.window_start_on, row.window_end_on, deviation_reason)
+
+
+def _not_future(protocol: ProtocolDefinition, what: str, local: dt.datetime, now: dt.datetime) -> None:
+    """A time given is not after now; the refusal names both in site time, with the zone."""
+    if local > to_local(protocol.timezone, now):
+        raise UserError(f"{what} {site_text(protocol, local)} is in the future (it is now {site_text(protocol, now)}); "
+                        "record what was done, when it was done")
 
 
 def _mark(s: Session, row: CalendarEventRow, status: EventStatus, at: dt.datetime | None, reason: str | None) -> None:
@@ -172,7 +180,7 @@ def record_il2_dose(
         given_utc, reason = None, deviation_reason
         if given:
             local = site_local(protocol, given_at)
-            rules.no_future("given_at", local, to_local(protocol.timezone, u.at))
+            _not_future(protocol, "given_at", local, u.at)
             reason = rules.in_window(f"IL-2 dose {dose_number}", local.date(), row.window_start_on, row.window_end_on, deviation_reason)
             given_utc = site_instant(protocol, local, "given_at")
         s.add(Administration(subject_pk=subject.id, kind=AdministrationKind.IL2_DOSE, event_key=str(key), given=given,
@@ -268,6 +276,8 @@ def take_off_study(
 
     Returns how many calendar events were cancelled.
     """
+    if reason.set_by_a_signed_decision:
+        raise UserError(f"reason {reason.value} is set only by a signed stop or de-escalation; choose the reason the patient leaves")
     with UnitOfWork(engine, actor=recorded_as(actor), reason=f"{subject_id} off study: {reason.value}", clock=clock) as u:
         s = u.session
         authorize(s, protocol, actor=actor, act=Act.OFF_STUDY, at=u.at)

@@ -31,9 +31,9 @@ from protocol.calendar import EventKind
 from protocol.cohorts import TrialState, allowed_choices, design_for
 from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
-from protocol.eligibility import ScreeningResult
 from protocol.recording import site_today
 from protocol.three_plus_three import Action, Cohort
+from tasks.closure import closures_in_words
 from tasks.escalation_gate import trial_state
 
 
@@ -53,21 +53,28 @@ class Dashboard:
     waitlist: list[dict]
     history: str
     recommendation: str
+    headline: list[str] = field(default_factory=list)  # TRIAL STOPPED, a level closed after de-escalation: in words, first
+    not_dosed: list[dict] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = ["# NCT06641648 cohort and trial dashboard", "",
-                 f"Enrolled **{self.enrolled}** of the target **{self.target}** (at most {self.maximum} under 3+3) · "
-                 f"outcome history `{self.history or 'none yet'}` · {self.recommendation}", "",
-                 "| level | cells/infusion | status | enrolled | evaluable | DLTs | slots open |", "|---|---|---|---|---|---|---|"]
+        lines = ["# NCT06641648 cohort and trial dashboard", ""]
+        lines += [f"## {h}" for h in self.headline] + ([""] if self.headline else [])
+        lines += [f"Enrolled **{self.enrolled}** of the target **{self.target}** (at most {self.maximum} under 3+3) · "
+                  f"outcome history `{self.history or 'none yet'}` · {self.recommendation}", "",
+                  "| level | cells/infusion | status | enrolled | evaluable | DLTs | slots open |", "|---|---|---|---|---|---|---|"]
         lines += [f"| DL{lv['level']} | {lv['cells']:.1e} | {lv['status']} | {lv['enrolled']} | {lv['evaluable']} | {lv['dlts']} | "
                   f"{lv['slots_open']} |" for lv in self.levels]
         lines += ["", "## Decisions", ""]
         if self.decisions:
-            lines += ["| # | history | rule | signed | signed by | printed name | when (site) |", "|---|---|---|---|---|---|---|"]
+            lines += ["| # | history | rule | signed | signed by | printed name | when (site time) | meaning |",
+                      "|---|---|---|---|---|---|---|---|"]
             lines += [f"| {d['n']} | `{d['history']}` | {d['rule']} | {d['signed'] or 'waiting'} | {d['signer'] or ''} | "
-                      f"{d['printed_name'] or ''} | {d['signed_at'] or ''} |" for d in self.decisions]
+                      f"{d['printed_name'] or ''} | {d['signed_at'] or ''} | {d.get('meaning') or ''} |" for d in self.decisions]
         else:
             lines.append("No cohort has been reviewed yet.")
+        if self.not_dosed:
+            lines += ["", "## Patients who will not be dosed", "", "| patient | level | status | off study since |", "|---|---|---|---|"]
+            lines += [f"| {p['subject_id']} | DL{p['level']} | {p['status']} | {p['since']} |" for p in self.not_dosed]
         lines += ["", "## Waitlist", ""]
         if self.waitlist:
             lines += ["| position | patient | waiting since | offered a slot |", "|---|---|---|---|"]
@@ -93,16 +100,20 @@ def dashboard(session: Session, protocol: ProtocolDefinition) -> Dashboard:
         signed = (d.chosen_action + (f" DL{d.chosen_level}" if d.chosen_level else "")) if d.chosen_action else None
         decisions.append({"n": n, "history": d.history, "rule": rule, "signed": signed, "signer": sig.signer_id if sig else None,
                           "printed_name": sig.printed_name if sig else None,
-                          "signed_at": f"{to_local(tz, sig.signed_at):%Y-%m-%d %H:%M}" if sig else None})
+                          "signed_at": f"{to_local(tz, sig.signed_at):%Y-%m-%d %H:%M} {tz}" if sig else None,
+                          "meaning": sig.meaning.split(":", 1)[0] if sig else None})
     waitlist = [{"subject_id": sid, "since": f"{to_local(tz, added):%Y-%m-%d}", "offered": f"{to_local(tz, offered):%Y-%m-%d}" if offered else None}
                 for sid, added, offered in session.exec(select(Subject.subject_id, WaitlistEntry.added_at, WaitlistEntry.offered_at)
                                                         .join(Subject, Subject.id == WaitlistEntry.subject_pk).order_by(WaitlistEntry.id))]
+    headline, undosed = closures_in_words(session, protocol)
     rec = state.recommendation
     advice = f"the rule now says: {rec.action.value}" + (f" DL{rec.dose_level}" if rec.dose_level else "") if state.ready and rec else \
         ("waiting for DLT windows: " + ", ".join(state.pending) if state.pending else "no cohort waiting for review")
     esc = protocol.escalation
+    if headline and headline[0].startswith("TRIAL STOPPED"):
+        advice = "the trial is stopped: nothing more to decide"
     return Dashboard(levels, decisions, sum(enrolled_by.values()), esc.target_enrollment.value, esc.max_enrollment.value, waitlist,
-                     state.history, advice)
+                     state.history, advice, headline, undosed)
 
 
 # -- PK -------------------------------------------------------------------------------------------
@@ -231,38 +242,97 @@ def write_all(session: Session, protocol: ProtocolDefinition, folder, *, now: dt
 
 # -- the cohort review: what the PI reads before signing --------------------------------------------
 
-def review_markdown(protocol: ProtocolDefinition, state: TrialState, d: EscalationDecision, refused: str | None = None) -> str:
-    """What the PI needs on the Resume form: the tally, the recommendation, the rule, what each choice does."""
-    design = design_for(protocol)
-    tallies = design.tallies(state.cohorts)
-    k = design.cohort_size
-    lines = [f"## Cohort review — dose level {d.from_level}", "",
-             f"Outcome history (3+3 notation): `{d.history}`" + (" — **early stop: 2 DLTs at this level**" if d.early_stop else ""), "",
-             "| level | patients | DLTs |", "|---|---|---|"]
-    lines += [f"| DL{lv} | {t.n} | {t.dlts} |" for lv, t in tallies.items() if t.n]
-    rec = f"**{d.recommended_action}**" + (f" at DL{d.recommended_level}" if d.recommended_level else "") + (f", MTD DL{d.mtd}" if d.mtd else "")
-    lines += ["", f"3+3 recommends {rec}.", ""]
-    if state.recommendation:
-        lines += [f"Rule applied: {state.recommendation.reason}.", ""]
-    lines += ["What each choice does (you may choose the recommendation or a more cautious action):", ""]
-    lines += _choice_lines(d, k)
-    lines += ["", "Enter your signer ID, printed name, the decision, and the one-time code sent to your PI channel. "
-              "Your signature records your printed name, the UTC time, its meaning and the decision it signs."]
-    if refused:
-        lines += ["", f"**The previous attempt was refused:** {refused}"]
+def _tally(protocol: ProtocolDefinition, state: TrialState) -> str:
+    tallies = design_for(protocol).tallies(state.cohorts)
+    return "; ".join(f"DL{lv} {t.n} patient{'s' if t.n != 1 else ''}, {t.dlts} DLT{'s' if t.dlts != 1 else ''}"
+                     for lv, t in tallies.items() if t.n)
+
+
+def _recommended(d: EscalationDecision) -> str:
+    return f"{d.recommended_action}" + (f" to DL{d.recommended_level}" if d.recommended_level else "") + (f", MTD DL{d.mtd}" if d.mtd else "")
+
+
+def signing_statement(protocol: ProtocolDefinition) -> str:
+    return (f"By signing you make this decision with your one-time code. The signature records your staff ID, the register's printed "
+            f"name, the site time ({protocol.timezone}), the meaning you choose and the decision it signs; it cannot be changed.")
+
+
+def review_form_markdown(protocol: ProtocolDefinition, state: TrialState, d: EscalationDecision, *, refused: str | None = None,
+                         details_url: str | None = None) -> str:
+    """The Resume form's short text, all above the fold: a refusal first, then the tally, the recommendation, the choices the PI
+    may sign, the signing statement, and the link to the full review."""
+    k = design_for(protocol).cohort_size
+    lines = [f"**Signature refused:** {refused}. Nothing was signed; the review still waits. Correct it and submit again.", ""
+             ] if refused else []
+    lines += [f"**Cohort review DL{d.from_level} · decision {d.id}**", "",
+              f"**Tally:** {_tally(protocol, state)} (`{d.history}`)" + (" · **early stop: 2 DLTs at this level**" if d.early_stop else ""),
+              "", f"**3+3 recommends: {_recommended(d)}.**", "",
+              "**You may sign:** " + " · ".join(f"`{a}` ({effect})" for a, effect, allowed in _choices(d, k) if allowed), "",
+              f"**Statement:** {signing_statement(protocol)}"]
+    if details_url:
+        lines += ["", f"[Full review: each patient, the rule applied, the next cohort →]({details_url})"]
     return "\n".join(lines)
 
 
-def _choice_lines(d: EscalationDecision, k: int) -> list[str]:
-    """One line a choice: what it does, and whether the PI may take it here (protocol.cohorts.allowed_choices)."""
-    choices = {
+def review_form_fields(protocol: ProtocolDefinition, state: TrialState, d: EscalationDecision, *, refused: str | None = None) -> dict:
+    """The Resume form's first two fields' titles and descriptions, which carry the facts: the UI squeezes the form's
+    markdown text to nothing when the fields fill the window (seen in prefect 3.9.1 at 1280x800), but a field's title and
+    description always show. A refusal comes first."""
+    k = design_for(protocol).cohort_size
+    tally = f"Tally: {_tally(protocol, state)} ({d.history})" + (", early stop: 2 DLTs at this level" if d.early_stop else "")
+    allowed = "You may sign: " + "; ".join(f"{a} ({effect})" for a, effect, ok in _choices(d, k) if ok)
+    return {"decision_title": f"Decision · 3+3 recommends {_recommended(d)}",
+            "decision_description": (f"SIGNATURE REFUSED: {refused}. Nothing was signed; correct it and submit again. " if refused else "")
+            + f"{tally}. {allowed}.",
+            "meaning_title": "Meaning of your signature",
+            "meaning_description": f"Statement: {signing_statement(protocol)}"}
+
+
+def review_markdown(protocol: ProtocolDefinition, state: TrialState, d: EscalationDecision, signed=None) -> str:
+    """The cohort-review artifact (one per review, updated in place): the signed decision once signed (`signed`: a
+    tasks.signatures.SignedDecision), the tally, the recommendation and rule, what each choice does, each patient, the next cohort."""
+    design = design_for(protocol)
+    tallies = design.tallies(state.cohorts)
+    status = f"signed {signed.what} by {signed.signer_id}" if signed else "waiting for the PI's signature"
+    lines = [f"# Cohort review DL{d.from_level} · decision {d.id} · {status}", ""]
+    if signed:
+        lines += [f"**Signed {signed.what}** by {signed.signer_id} ({signed.printed_name}) on {signed.signed_at_site}.", "",
+                  f"Meaning: {signed.meaning}" + (f" · Rationale: {signed.rationale}" if signed.rationale else ""), ""]
+    lines += [f"Outcome history (3+3 notation): `{d.history}`" + (" — **early stop: 2 DLTs at this level**" if d.early_stop else ""),
+              "",
+              "| level | patients | DLTs |", "|---|---|---|"]
+    lines += [f"| DL{lv} | {t.n} | {t.dlts} |" for lv, t in tallies.items() if t.n]
+    lines += ["", f"3+3 recommends **{_recommended(d)}**.", ""]
+    if state.recommendation:
+        lines += [f"Rule applied: {state.recommendation.reason}.", ""]
+    lines += ["What each choice does (the PI may choose the recommendation or a more cautious action):", ""]
+    lines += _choice_lines(d, design.cohort_size)
+    rows = cohort_status_table(state)
+    if rows:
+        lines += ["", "## Patients", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
+    nxt = next_cohort_table(protocol, state)
+    if nxt:
+        lines += ["", "## The next cohort", "", nxt]
+    lines += ["", "## Signing statement", "", signing_statement(protocol)]
+    return "\n".join(lines)
+
+
+def _choices(d: EscalationDecision, k: int) -> list[tuple[str, str, bool]]:
+    """(choice, what it does, whether the PI may take it here: protocol.cohorts.allowed_choices)."""
+    effects = {
         Action.ESCALATE: f"close DL{d.from_level}, open {k} slots at DL{d.from_level + 1}",
         Action.EXPAND: f"open {k} more slots at DL{d.from_level}",
         Action.DEESCALATE: f"close DL{d.from_level}, open {k} slots at DL{d.from_level - 1}" if d.from_level > 1 else "not possible at DL1",
         Action.STOP: "close enrollment for the trial and tell everyone",
     }
     refusals = allowed_choices(Action(d.recommended_action), d.from_level, d.early_stop)
-    return [f"- `{action.value}` — {effect}" + ("" if refusals[action] is None else " *(not allowed here)*") for action, effect in choices.items()]
+    return [(action.value, effect, refusals[action] is None) for action, effect in effects.items()]
+
+
+def _choice_lines(d: EscalationDecision, k: int) -> list[str]:
+    """One line a choice: what it does, and whether the PI may take it here."""
+    return [f"- `{a}` — {effect}" + ("" if allowed else " *(not allowed here)*") for a, effect, allowed in _choices(d, k)]
 
 
 def cohort_status_table(state: TrialState) -> list[dict]:
@@ -289,34 +359,40 @@ def next_cohort_table(protocol: ProtocolDefinition, state: TrialState) -> str:
 # -- a patient's schedule, screening and daily rounds (the flows' artifacts) ----------------------
 
 def schedule_table(session: Session, protocol: ProtocolDefinition, subject_id: str) -> list[dict]:
-    """The patient's whole plan, one row per event, in site-local time."""
+    """The patient's whole plan in site time, one row per event; the IL-2 doses in one row. Each row's date and time
+    are the instant its run acts on (the DLT window's close is the end of its last day: the next day's 00:00)."""
+    from models.tables import EventStatus
+
     subject = get_subject(session, subject_id=subject_id)
     rows = session.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == subject.id)
                         .order_by(CalendarEventRow.due_at)).all()
     tz = protocol.timezone
-    return [
-        {
+    il2 = [r for r in rows if r.kind is EventKind.IL2_DOSE]
+    out = []
+    for r in rows:
+        local = to_local(tz, r.due_at)
+        if r.kind is EventKind.IL2_DOSE:
+            if r is il2[0]:
+                counts = {st: sum(d.status is st for d in il2) for st in EventStatus}
+                out.append({"day": f"{il2[0].protocol_day}–{il2[-1].protocol_day}", "date": f"{il2[0].local_on} → {il2[-1].local_on}",
+                            "time": f"{local:%H:%M}",
+                            "event": f"IL-2 {protocol.il2.dose_miu.value:g} MIU {protocol.il2.route.value} daily, doses 1–{len(il2)}",
+                            "window": "", "status": ", ".join(f"{n} {st.value}" for st, n in counts.items() if n),
+                            "reminder": "daily rounds"})
+            continue
+        event = r.label
+        if r.kind is EventKind.DLT_WINDOW_CLOSE:
+            event = f"DLT window closes at the end of day {r.protocol_day} ({r.local_on}), that is {local:%Y-%m-%d %H:%M} {tz}"
+        out.append({
             "day": r.protocol_day,
-            "date": r.local_on.isoformat(),
-            "time": f"{to_local(tz, r.due_at):%H:%M}",
-            "event": r.label,
+            "date": f"{local:%Y-%m-%d}",
+            "time": f"{local:%H:%M}",
+            "event": event,
             "window": f"{r.window_start_on} – {r.window_end_on}" if r.window_start_on != r.window_end_on else "",
             "status": r.status.value,
-            "reminder": (f"{to_local(tz, r.remind_at):%Y-%m-%d %H:%M}" if r.remind_at
-                         else "daily rounds" if r.kind is EventKind.IL2_DOSE else ""),
-        }
-        for r in rows
-    ]
-
-
-def screening_markdown(res: ScreeningResult) -> str:
-    mark = {True: "✅", False: "❌", None: "❔"}
-    lines = [f"# Screening {res.subject_id}: **{res.verdict.value.replace('_', ' ')}**", "",
-             f"Earliest permissible day 0: **{res.earliest_day0_on or 'unknown'}**"
-             + (" (at least; some washout data missing)" if res.earliest_day0_is_lower_bound else ""), "",
-             "| | criterion | status | value | limit |", "|---|---|---|---|---|"]
-    lines += [f"| {mark[c.allows_enrollment]} | {c.id} | {c.status.value} | {c.value} | {c.limit} |" for c in res.criteria]
-    return "\n".join(lines)
+            "reminder": f"{to_local(tz, r.remind_at):%Y-%m-%d %H:%M}" if r.remind_at else "",
+        })
+    return out
 
 
 def rounds_markdown(r, projection: str) -> str:
@@ -333,4 +409,5 @@ def rounds_markdown(r, projection: str) -> str:
         f"- overdue ({len(r.overdue)}): {items(r.overdue[:50])}",
         f"- notices written: {r.notices}",
         f"- Prefect projection: {projection}",
+        "- what is due today and in the next 7 days, by patient and time: the `worklist` artifact; each patient: `casebook-s-…`",
     ])

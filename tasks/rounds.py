@@ -1,6 +1,10 @@
 """Daily rounds: IL-2 due today and missed yesterday, visits closing undone, overdue items, and the
 coordinators' digest, for every active patient at once.
 
+Active means on study: enrolled, on treatment or in follow-up. A patient whom a signed stop or
+de-escalation left undosed is off study ("not dosed: trial stopped", `tasks.closure`): not active,
+nothing of theirs is on the worklists, and the digest counts them apart.
+
 A plain function, no Prefect: the daily-rounds flow calls it. A handful of set-based queries,
 whatever the number of patients; each notice is written once a day however often rounds run.
 """
@@ -15,7 +19,7 @@ from sqlmodel import select
 
 from models.clock import Clock
 from models.db import UnitOfWork
-from models.queries import active_subject_pks, count_active
+from models.queries import active_subject_pks, count_active, not_dosed
 from models.tables import CalendarEventRow, EventStatus, Subject
 from protocol.calendar import EventKey, EventKind
 from protocol.definition import ProtocolDefinition
@@ -29,7 +33,8 @@ VISITS = (EventKind.VISIT_1_MONTH, EventKind.VISIT_3_MONTH)
 @dataclass
 class RoundsReport:
     today: dt.date
-    active_patients: int = 0
+    active_patients: int = 0  # on study: enrolled, on treatment or in follow-up
+    not_dosed: list[str] = field(default_factory=list)  # left undosed by a signed stop or de-escalation; not active
     il2_due: list[tuple[str, str]] = field(default_factory=list)
     il2_missed: list[tuple[str, str]] = field(default_factory=list)
     visits_closing: list[tuple[str, str]] = field(default_factory=list)
@@ -39,7 +44,8 @@ class RoundsReport:
     @property
     def digest(self) -> str:
         """The coordinators' one-line digest."""
-        text = (f"{self.active_patients} active; IL-2 due {len(self.il2_due)}, missed yesterday {len(self.il2_missed)}; "
+        apart = f" ({len(self.not_dosed)} not dosed after a signed stop or de-escalation, off study)" if self.not_dosed else ""
+        text = (f"{self.active_patients} active{apart}; IL-2 due {len(self.il2_due)}, missed yesterday {len(self.il2_missed)}; "
                 f"visits closing undone {len(self.visits_closing)}; overdue {len(self.overdue)}")
         if self.overdue:
             text += ": " + ", ".join(f"{sid} {key}" for sid, key in self.overdue[:20]) + (" …" if len(self.overdue) > 20 else "")
@@ -53,6 +59,7 @@ def daily_rounds(engine: sa.Engine, protocol: ProtocolDefinition, *, clock: Cloc
     with UnitOfWork(engine, actor="system:daily-rounds", reason=f"daily rounds {today}", clock=clock) as u:
         s = u.session
         report.active_patients = count_active(s)
+        report.not_dosed = [sid for sid, _ in not_dosed(s).values()]
         _read_worklists(s, report)
         report.notices = enqueue_many(s, _notices(report, link), at=u.at)
         u.commit()

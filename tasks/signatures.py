@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
-from enum import StrEnum
 
 from sqlmodel import Session, select
 
@@ -22,14 +21,69 @@ from protocol.cohorts import check_choice, declared_mtd
 from protocol.definition import ProtocolDefinition
 from protocol.errors import UserError
 from protocol.three_plus_three import Action
+from tasks.closure import close_undosed
 from tasks.escalation_gate import apply_signed_decision, trial_state
 from tasks.signing import SentCode, SignedAct, check_signature, record_accepted, record_refusal, send_signing_code
 from tasks.staff import recorded_as
 
 
-class Meaning(StrEnum):
-    APPROVAL = "approval"
-    REVIEW = "review"
+def allowed_meanings(protocol: ProtocolDefinition) -> tuple[str, ...]:
+    """What a signature on a cohort decision may mean (the protocol file's escalation.signature_meanings)."""
+    return protocol.escalation.signature_meanings.value
+
+
+def resolve_meaning(protocol: ProtocolDefinition, meaning: str | None) -> str:
+    """One of the allowed meanings, given in full or by the word before its colon ("approval"); else one sentence."""
+    text = (meaning or "").strip()
+    for m in allowed_meanings(protocol):
+        if text.casefold() in (m.casefold(), m.split(":", 1)[0].strip().casefold()):
+            return m
+    short = ", ".join(m.split(":", 1)[0].strip().lower() for m in allowed_meanings(protocol))
+    if not text:
+        raise UserError(f"meaning is required: choose one of the allowed meanings of a signature ({short})")
+    raise UserError(f"meaning '{text[:40]}' is not one of the allowed meanings of a signature ({short}); choose one")
+
+
+@dataclass(frozen=True)
+class SignedDecision:
+    """A signed cohort decision as people read it: what, who, when (site time, zone named), and what the signature means."""
+
+    decision_id: int
+    action: str
+    level: int | None
+    signer_id: str
+    printed_name: str
+    signed_at_site: str  # "2027-03-01 09:00 Asia/Shanghai"
+    meaning: str
+    rationale: str | None
+
+    @property
+    def what(self) -> str:
+        return self.action + (f" DL{self.level}" if self.level else "")
+
+    @property
+    def state_name(self) -> str:
+        """The review run's final state name: short enough for the state badge."""
+        return f"Signed {self.what} by {self.signer_id}"
+
+    @property
+    def sentence(self) -> str:
+        return (f"decision {self.decision_id}: signed {self.what} by {self.signer_id} ({self.printed_name}) on {self.signed_at_site}; "
+                f"meaning: {self.meaning}" + (f"; rationale: {self.rationale}" if self.rationale else ""))
+
+
+def signed_decision(engine, protocol: ProtocolDefinition, decision_id: int) -> SignedDecision | None:
+    """The decision's signature as people read it, or None while it waits."""
+    from protocol.dates import to_local
+
+    with Session(engine) as s:
+        d = s.get(EscalationDecision, decision_id)
+        sig = s.exec(select(Signature).where(Signature.decision_id == decision_id)).first()
+        if d is None or sig is None or d.chosen_action is None:
+            return None
+        tz = protocol.timezone
+        return SignedDecision(d.id, Action(d.chosen_action).value, d.chosen_level, sig.signer_id, sig.printed_name,
+                              f"{to_local(tz, sig.signed_at):%Y-%m-%d %H:%M} {tz}", sig.meaning, d.rationale)
 
 
 @dataclass
@@ -79,6 +133,7 @@ def _sign(engine, protocol, *, decision_id, signer_id, printed_name, action, rat
     """Check the signer and their code (tasks.signing), then the choice (protocol.cohorts); store the
     signature with the register's printed name, then apply the decision."""
     who = (signer_id or "").strip()
+    meaning = resolve_meaning(protocol, meaning)  # before any code is checked or counted
     with UnitOfWork(engine, actor=recorded_as(who), reason=f"escalation decision {decision_id} signed: {action.value}", clock=clock) as u:
         s = u.session
         member, used = check_signature(s, protocol, act=SignedAct.decision(decision_id), signer_id=who, printed_name=printed_name,
@@ -94,6 +149,7 @@ def _sign(engine, protocol, *, decision_id, signer_id, printed_name, action, rat
         _store_signature(s, d, action=action, level=level, rationale=rationale, signer_id=who, printed_name=member.printed_name,
                          meaning=meaning, attempt_key=attempt_key, said=said, at=u.at)
         apply_signed_decision(s, protocol, d, state, u.at, link)
+        close_undosed(s, protocol, d, u.at, link)  # a stop or de-escalation: patients not yet dosed there will not be
         u.commit()
         return SignOutcome(True, said, d.id, action, level)
 

@@ -23,10 +23,9 @@ from sqlmodel import Session, select
 from models.clock import Clock
 from models.db import UnitOfWork
 from models.tables import Staff
-from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
 from protocol.errors import AccessRefused, UserError
-from protocol.recording import site_instant, site_local
+from protocol.recording import site_instant, site_local, site_text
 from protocol.roles import STAFF_ID, Act, Role, allowed_roles, may, staff_id_problem
 
 BOOTSTRAP_ACTOR = "bootstrap:site"
@@ -157,7 +156,7 @@ def add_staff(
             else:
                 authorize(s, protocol, actor=actor or "", act=Act.MANAGE_STAFF, at=u.at)
             if (existing := staff_member(s, staff_id)) is not None:
-                raise UserError(_duplicate(existing))
+                raise UserError(_duplicate(protocol, existing))
             start = u.at if active_from is None else site_instant(protocol, site_local(protocol, active_from), "active_from")
             if bootstrap and start > u.at:
                 raise UserError("active_from: the first staff member must be active from now, not later")
@@ -167,7 +166,7 @@ def add_staff(
     except sa.exc.IntegrityError:
         raise UserError(f"staff ID {staff_id} is already on the staff register; a staff ID is never reused") from None
     held = ", ".join(r.value for r in role_set)
-    since = "" if active_from is None else f", active from {site_local(protocol, active_from):%Y-%m-%d %H:%M} site time"
+    since = "" if active_from is None else f", active from {site_text(protocol, active_from)}"
     message = f"{staff_id} ({printed_name}) added to the staff register as {held}{since}; their own channel is tag '{tag}'"
     if bootstrap:
         message += (f". Recorded as {BOOTSTRAP_ACTOR}: the register had no one who may manage staff, so this first member needed no "
@@ -175,8 +174,8 @@ def add_staff(
     return StaffChange(staff_id, message, bootstrap)
 
 
-def _duplicate(existing: Staff) -> str:
-    state = "active" if existing.active_to_at is None else f"deactivated {existing.active_to_at:%Y-%m-%d}"
+def _duplicate(protocol: ProtocolDefinition, existing: Staff) -> str:
+    state = "active" if existing.active_to_at is None else f"deactivated {site_text(protocol, existing.active_to_at)}"
     return (f"staff ID {existing.staff_id} is already on the staff register ({existing.printed_name}, {existing.roles}, {state}); "
             "a staff ID is never reused")
 
@@ -194,12 +193,12 @@ def deactivate_staff(engine: sa.Engine, protocol: ProtocolDefinition, *, staff_i
         if member is None:
             raise UserError(f"staff ID {staff_id} is not on the staff register")
         if member.active_to_at is not None and member.active_to_at <= u.at:
-            since = to_local(protocol.timezone, member.active_to_at)
-            raise UserError(f"{staff_id} is already inactive since {since:%Y-%m-%d %H:%M} site time")
+            raise UserError(f"{staff_id} is already inactive since {site_text(protocol, member.active_to_at)}")
         if [m.staff_id for m in _managers(s, protocol, u.at)] == [staff_id]:
             raise UserError(f"{staff_id} is the last active staff member who may manage staff: add another "
                             f"{' or '.join(r.value for r in allowed_roles(protocol.authority.acts, Act.MANAGE_STAFF))} first")
         member.active_to_at = u.at
         s.add(member)
         u.commit()
-    return StaffChange(staff_id, f"{staff_id} is no longer active on the staff register from now; their past entries stay as they were")
+    return StaffChange(staff_id, f"{staff_id} is no longer active on the staff register from {site_text(protocol, u.at)}; "
+                                 "their past entries stay as they were")

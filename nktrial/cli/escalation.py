@@ -1,4 +1,4 @@
-"""`nktrial escalation status|code|approve`: the trial's 3+3 state from the database, and the PI's signature.
+"""`nktrial escalation status|code|approve (sign)`: the trial's 3+3 state from the database, and the PI's signature.
 
 (The pure `escalation next|oc|paths` are in nktrial.cli.pure.) The services are imported
 inside each command: building the parser stays cheap.
@@ -6,10 +6,8 @@ inside each command: building the parser stays cheap.
 
 from __future__ import annotations
 
-from nktrial.cli.shared import actor, deliver_now, enum_argument, table, writer
+from nktrial.cli.shared import actor, api_auth, deliver_now, enum_argument, table, writer
 from protocol.errors import UserError
-
-APPROVAL_MEANING = "Approval: I reviewed this cohort's DLT data and approve this dose-escalation decision"
 
 
 def _actions():
@@ -81,6 +79,25 @@ def cmd_escalation_approve(args) -> None:
         raise UserError(f"signature refused: {out.reason}")
     print(f"decision {args.decision} {out.reason}")
     deliver_now(args)
+    _complete_review_run(args.decision)
+
+
+def _complete_review_run(decision_id: int) -> None:
+    """With PREFECT_API_URL set: the paused review run completes showing the signed decision, its artifact shows the signature,
+    and the runs a stop or de-escalation closes are cancelled (flows.safety.complete_signed_review)."""
+    import os
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        print("note: PREFECT_API_URL is not set, so the review run still shows Paused in the Prefect UI; the decision is signed "
+              "and in force")
+        return
+    from flows.safety import complete_signed_review
+
+    with api_auth(api):
+        run_id = complete_signed_review(decision_id)
+    if run_id:
+        print(f"cohort-review run {run_id} completed in the Prefect UI with the signed decision")
 
 
 def add_parsers(esc) -> None:
@@ -91,12 +108,13 @@ def add_parsers(esc) -> None:
     code.add_argument("--decision", type=int, required=True)
     code.add_argument("--signer", help="the signer's staff ID (default: --as or NKTRIAL_ACTOR); the code goes to their channel only")
     code.set_defaults(func=cmd_escalation_code)
-    ap = esc.add_parser("approve", help="sign the waiting decision with a one-time code")
+    ap = esc.add_parser("approve", aliases=["sign"], help="sign the waiting decision with a one-time code")
     ap.add_argument("--decision", type=int, required=True)
     ap.add_argument("--signer", help="your staff ID (default: --as or NKTRIAL_ACTOR)")
     ap.add_argument("--name", help="your printed name; if given, it must match the staff register's")
     enum_argument(ap, "--action", load=_actions, leave_out=_not_signable, required=True)
     ap.add_argument("--code", required=True)
-    ap.add_argument("--meaning", default=APPROVAL_MEANING)
+    ap.add_argument("--meaning", required=True, help="what your signature means: one of the protocol file's "
+                    "escalation.signature_meanings, in full or by its first word (e.g. approval)")
     ap.add_argument("--rationale")
     ap.set_defaults(func=cmd_escalation_approve)

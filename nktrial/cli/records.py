@@ -28,6 +28,10 @@ def _off_study_reasons():
     return OffStudyReason
 
 
+def _set_by_decisions() -> set:
+    return {r for r in _off_study_reasons() if r.set_by_a_signed_decision}
+
+
 def _lab_kinds():
     from models.tables import LabKind
 
@@ -59,13 +63,15 @@ def cmd_enroll(args) -> None:
 
 
 def cmd_record_infusion(args) -> None:
+    from protocol.recording import site_text
     from tasks.recording import record_infusion
 
     engine, p, clock = writer(args)
-    record_infusion(engine, p, subject_id=args.subject, infusion_number=args.number, given_at=local_datetime("--given-at", args.given_at),
+    given_at = local_datetime("--given-at", args.given_at)
+    record_infusion(engine, p, subject_id=args.subject, infusion_number=args.number, given_at=given_at,
                     dose_level=args.dose_level, cells_infused=args.cells, product_lot=args.lot, deviation_reason=args.deviation_reason,
                     actor=actor(args), clock=clock)
-    print(f"{args.subject}: NK infusion {args.number} recorded; calendar re-anchored")
+    print(f"{args.subject}: NK infusion {args.number} recorded at {site_text(p, given_at)}; the calendar is re-anchored")
     deliver_now(args)
     sync_projection(args.subject)
 
@@ -75,11 +81,13 @@ def cmd_record_il2(args) -> None:
 
     if (args.given_at is None) == (args.missed is None):
         raise UserError("give exactly one of --given-at (the dose was given) or --missed REASON (it was not)")
+    from protocol.recording import site_text
+
+    given_at = local_datetime("--given-at", args.given_at) if args.given_at else None
     engine, p, clock = writer(args)
-    record_il2_dose(engine, p, subject_id=args.subject, dose_number=args.dose, given=args.given_at is not None,
-                    given_at=local_datetime("--given-at", args.given_at) if args.given_at else None, missed_reason=args.missed,
-                    deviation_reason=args.deviation_reason, actor=actor(args), clock=clock)
-    print(f"{args.subject}: IL-2 dose {args.dose} recorded as {'given' if args.given_at else 'missed'}")
+    record_il2_dose(engine, p, subject_id=args.subject, dose_number=args.dose, given=given_at is not None, given_at=given_at,
+                    missed_reason=args.missed, deviation_reason=args.deviation_reason, actor=actor(args), clock=clock)
+    print(f"{args.subject}: IL-2 dose {args.dose} recorded as {f'given at {site_text(p, given_at)}' if given_at else 'missed'}")
 
 
 def cmd_record_visit(args) -> None:
@@ -130,7 +138,7 @@ def add_enroll_parsers(sub) -> None:
     inf.add_argument("--subject", required=True)
     inf.add_argument("--number", type=int, required=True, help="1 or 2")
     inf.add_argument("--dose-level", type=int, required=True, help="the subject's assigned level, as a check")
-    inf.add_argument("--given-at", required=True, help="site-local, e.g. 2027-01-31T09:10")
+    inf.add_argument("--given-at", required=True, help="site-local (the protocol's timezone), e.g. 2027-01-31T09:10 or '2027-01-31 09:10'")
     inf.add_argument("--cells", type=float, required=True, help="cells infused, e.g. 1e8")
     inf.add_argument("--lot", required=True, help="product lot")
     inf.add_argument("--deviation-reason")
@@ -138,7 +146,7 @@ def add_enroll_parsers(sub) -> None:
     il2 = rec.add_parser("il2", help="an IL-2 dose given (--given-at) or missed (--missed REASON)")
     il2.add_argument("--subject", required=True)
     il2.add_argument("--dose", type=int, required=True, help="dose number, 1 to 28")
-    il2.add_argument("--given-at")
+    il2.add_argument("--given-at", help="site-local (the protocol's timezone), e.g. 2027-02-01T09:00")
     il2.add_argument("--missed", metavar="REASON")
     il2.add_argument("--deviation-reason")
     il2.set_defaults(func=cmd_record_il2)
@@ -164,6 +172,6 @@ def add_enroll_parsers(sub) -> None:
 def add_off_study_parser(sub) -> None:
     off = sub.add_parser("off-study", help="take a patient off study (cancels future runs and notices, keeps the record)")
     off.add_argument("--subject", required=True)
-    enum_argument(off, "--reason", load=_off_study_reasons, required=True)
+    enum_argument(off, "--reason", load=_off_study_reasons, leave_out=_set_by_decisions, required=True)
     off.add_argument("--effective-on", required=True)
     off.set_defaults(func=cmd_off_study)

@@ -56,12 +56,16 @@ def enum_argument(parser, *flags: str, load: Callable[[], type[Enum]], leave_out
 # -- input ----------------------------------------------------------------------------------------
 
 def local_datetime(flag: str, text: str) -> dt.datetime:
+    """Site-local wall time as typed: 2027-01-31T09:00 or 2027-01-31 09:00 (as in the forms), read in the protocol's zone."""
+    text = text.strip()
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise UserError(f"{flag} '{text}' is not a local date and time like 2027-01-31T09:00") from None
+        raise UserError(f"{flag} '{text}' is not a local date and time like 2027-01-31T09:00 or 2027-01-31 09:00") from None
     if value.tzinfo is not None:
         raise UserError(f"{flag} '{text}' has a UTC offset; give the site's local wall-clock time without one")
+    if len(text) <= 10:  # a date alone would silently mean 00:00
+        raise UserError(f"{flag} '{text}' has no time of day; give the site's local date and time, e.g. {text} 09:00")
     return value
 
 

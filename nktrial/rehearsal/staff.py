@@ -113,6 +113,7 @@ class Staff:
         action = self.sc.pi.decisions.get(number, Action(d.recommended_action))
         result = self.runner.resume(run_id, {
             "signer_id": self.sc.pi.signer_id, "printed_name": self.sc.pi.printed_name, "decision": action.value,
+            "meaning": self.p.escalation.signature_meanings.value[0],
             "signing_code": codes[-1], "rationale": "" if action.value == d.recommended_action else "rehearsal: the PI chose a more cautious action",
         })
         return f"resumed with {action.value}, code from the PI's own channel → " + result
@@ -149,8 +150,8 @@ class Staff:
         self.arrived[p.id] = self.clock()
         self.waitlisted.add(p.id)  # until the next look-up says otherwise
         day0 = self.site.today() + dt.timedelta(days=self.sc.day0_after_days)
-        request = {"screening": screening_for(p, day0), "planned_day0": dt.datetime.combine(day0, self.p.site.event_time).isoformat(),
-                   "recorded_by": COORDINATOR}
+        request = {"subject_id": p.id, "screening": screening_for(p, day0),
+                   "planned_day0": dt.datetime.combine(day0, self.p.site.event_time).isoformat(), "recorded_by": COORDINATOR}
         return self.runner.run_deployment("enroll-patient", {"request": request})
 
     # -- what the calendar asks, and the scenario's AEs and withdrawals -------------------------------
@@ -289,7 +290,8 @@ class Staff:
         except UserError as exc:
             return f"no signing code for AE {ae_id}: {exc}"
         codes = self._codes(signer, f"AE {ae_id},")
-        request = {"ae_id": ae_id, "confirm": ae.adjudicate == "confirm", "signing_code": codes[-1] if codes else "",
+        request = {"ae_id": ae_id, "verdict": "DLT confirmed" if ae.adjudicate == "confirm" else "not a DLT",
+                   "signing_code": codes[-1] if codes else "",
                    "reason": f"rehearsal: {ae.category.value} grade {ae.grade}, {ae.attribution.value}", "investigator_id": signer}
         return self.runner.run_deployment("adjudicate-dlt", {"request": request})
 

@@ -227,7 +227,7 @@ def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_
     status = nktrial("escalation", "status", env=env)
     assert "history: (none yet)" in status.stdout and "S-001" in status.stdout and "DLT window open" in status.stdout
     refused = nktrial("escalation", "approve", "--decision", "1", "--signer", "pi-01", "--name", "PI", "--action", "escalate",
-                      "--code", "12345678", env=env)
+                      "--code", "12345678", "--meaning", "approval", env=env)
     _assert_one_sentence(refused, "signature refused: decision 1 does not exist")
 
 

@@ -177,13 +177,13 @@ def test_bad_staff_input_is_one_sentence(staffed_engine, protocol, change, messa
 
 def test_deactivation_is_audited_and_ends_authority_from_then_on(staffed_engine, protocol):
     out = deactivate_staff(staffed_engine, protocol, staff_id="nurse-7", reason="left the unit", actor="pi-01", clock=at_now)
-    assert out.message.startswith("nurse-7 is no longer active on the staff register from now")
+    assert out.message.startswith("nurse-7 is no longer active on the staff register from 2027-01-20 09:00 Asia/Shanghai")
     with Session(staffed_engine) as s:
         (row,) = s.exec(select(AuditLog).where(AuditLog.entity == "staff", AuditLog.field == "active_to_at")).all()
     assert (row.actor, row.old_value, row.reason) == ("pi-01", None, "staff nurse-7 deactivated: left the unit")
     listed = {r.staff_id: r for r in list_staff(staffed_engine, at=NOW)}
     assert not listed["nurse-7"].active and listed["nurse-1"].active and listed["nurse-7"].active_to_at == NOW
-    with pytest.raises(UserError, match="nurse-7 is already inactive since 2027-01-20 09:00 site time"):
+    with pytest.raises(UserError, match="nurse-7 is already inactive since 2027-01-20 09:00 Asia/Shanghai"):
         deactivate_staff(staffed_engine, protocol, staff_id="nurse-7", reason="again", actor="pi-01", clock=at_now)
     with pytest.raises(UserError, match="reason: say why"):
         deactivate_staff(staffed_engine, protocol, staff_id="nurse-1", reason=" ", actor="pi-01", clock=at_now)

@@ -32,6 +32,8 @@ from tasks import due_events, enrollment, recording
 from tasks.runtime import protocol, trial_engine
 from tests.helpers import register_staff
 
+APPROVAL = protocol().escalation.signature_meanings.value[0]
+
 ROOT = Path(__file__).parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -74,7 +76,42 @@ def _execute(run_id):
         return client.read_flow_run(run_id).state
 
 
-def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(ui_server, tmp_path, monkeypatch, channels):
+def _browser(p):
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+
+
+def _open_resume_form(page, ui, run_id):
+    page.goto(f"{ui}/runs/flow-run/{run_id}")
+    page.get_by_role("button", name="Resume").first.click()
+    modal = page.locator(".p-modal")
+    modal.get_by_text("Decision · 3+3 recommends escalate to DL2").wait_for()
+    return modal
+
+
+def _fill_and_submit(page, modal, code: str, shot: str | None = None) -> None:
+    fields = modal.locator("textarea")  # staff ID, printed name, rationale, signing code (decision and meaning are choices)
+    fields.nth(0).fill("pi-01")
+    fields.nth(1).fill("Principal Investigator")
+    for n, option in ((0, "escalate"), (1, APPROVAL)):
+        choice = modal.locator(".p-select-button__control").nth(n)
+        choice.click()
+        choice.press("ArrowDown")
+        page.get_by_role("option", name=option, exact=True).click()
+    fields.nth(2).fill("0 of 3 at DL1")
+    fields.last.fill(code)
+    if shot:
+        page.screenshot(path=str(ARTIFACTS / shot))
+    modal.get_by_role("button", name="Submit").click()
+    modal.wait_for(state="hidden")
+
+
+def _above_the_fold(page, text: str) -> bool:
+    box = page.locator(".p-modal").get_by_text(text).first.bounding_box()
+    return box is not None and box["y"] + box["height"] <= page.viewport_size["height"]
+
+
+def test_the_pi_signs_the_cohort_review_in_the_browser_a_wrong_code_first(ui_server, tmp_path, monkeypatch, channels):
     from playwright.sync_api import sync_playwright
 
     ui, api = ui_server
@@ -83,6 +120,7 @@ def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(
     upgrade(engine)
     register_staff(engine)  # pi-01 signs; coord-1 and nurse-7 record
     _cohort_of_three_with_closed_windows(engine)
+    ARTIFACTS.mkdir(exist_ok=True)
     with temporary_settings({PREFECT_API_URL: api, PREFECT_LOGGING_TO_API_ENABLED: False}), use_clock(VirtualClock(dt.datetime(2027, 3, 1, 1, tzinfo=UTC))):
         cohort_review.to_deployment(name="cohort-review").apply()
         run = run_deployment("cohort-review/cohort-review", timeout=0, as_subflow=False, flow_run_name="cohort review · 1NNN")
@@ -91,37 +129,68 @@ def test_the_pi_signs_the_cohort_review_in_the_browser_and_the_next_level_opens(
         code = re.search(r"signing code (\d{8})", code_msg).group(1)
 
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(f"{ui}/runs/flow-run/{run.id}")
-            page.get_by_role("button", name="Resume").first.click()
-            modal = page.locator(".p-modal")
-            modal.get_by_text("Cohort review — dose level 1").wait_for()
-            assert "3+3 recommends escalate at DL2" in modal.inner_text()
-            fields = modal.locator("textarea")  # signer ID, printed name, meaning, rationale, signing code
-            fields.nth(0).fill("pi-01")
-            fields.nth(1).fill("Principal Investigator")
-            decision = modal.locator(".p-select-button__control").first
-            decision.click()
-            decision.press("ArrowDown")
-            page.get_by_role("option", name="escalate", exact=True).click()
-            fields.nth(3).fill("0 of 3 at DL1")
-            fields.last.fill(code)
-            ARTIFACTS.mkdir(exist_ok=True)
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            modal = _open_resume_form(page, ui, run.id)
             page.screenshot(path=str(ARTIFACTS / "cohort-review-resume-form.png"))
-            modal.get_by_role("button", name="Submit").click()
-            modal.wait_for(state="hidden")
+            for text in ("3+3 recommends escalate to DL2", "Tally: DL1 3 patients, 0 DLTs", "You may sign: escalate", "Statement:"):
+                assert _above_the_fold(page, text), f"'{text}' is below the fold of the Resume form"
+            _fill_and_submit(page, modal, "00000000" if code != "00000000" else "11111111")
+            with get_client(sync_client=True) as client:
+                assert client.read_flow_run(run.id).state.is_scheduled()  # resumed by the form (the UI's toast says so)...
+            refused = _execute(run.id)  # ...and the run, executed, refuses the code and waits again
+            assert refused.is_paused() and refused.message.startswith("Signature refused: signing_code is wrong")
+            modal = _open_resume_form(page, ui, run.id)
+            refusal = modal.get_by_text(re.compile("^SIGNATURE REFUSED:")).first  # the first field's text, at the top of the form
+            assert refusal.inner_text().startswith("SIGNATURE REFUSED: signing_code is wrong for decision 1 and signer pi-01")
+            assert refusal.bounding_box()["y"] + refusal.bounding_box()["height"] <= 800
+            assert refusal.bounding_box()["y"] < modal.get_by_text("Your staff ID").first.bounding_box()["y"]
+            page.screenshot(path=str(ARTIFACTS / "cohort-review-signature-refused.png"))
+            _fill_and_submit(page, modal, code)
+            assert _execute(run.id).is_completed()
+            page.goto(f"{ui}/runs/flow-run/{run.id}")
+            page.get_by_text("Signed escalate DL2 by pi-01").first.wait_for()
+            page.screenshot(path=str(ARTIFACTS / "cohort-review-signed.png"))
             browser.close()
-
-        with get_client(sync_client=True) as client:
-            assert client.read_flow_run(run.id).state.is_scheduled()  # resumed by the form
-        assert _execute(run.id).is_completed()
     with Session(engine) as s:
         sig = s.exec(select(Signature)).one()
-        assert (sig.signer_id, sig.printed_name) == ("pi-01", "Principal Investigator")
+        assert (sig.signer_id, sig.printed_name, sig.meaning) == ("pi-01", "Principal Investigator", APPROVAL)
         assert s.get(DoseLevelState, 2).status is LevelStatus.OPEN and s.get(DoseLevelState, 1).status is LevelStatus.CLOSED
-    assert (ARTIFACTS / "cohort-review-resume-form.png").stat().st_size > 10_000
+    for shot in ("cohort-review-resume-form.png", "cohort-review-signature-refused.png", "cohort-review-signed.png"):
+        assert (ARTIFACTS / shot).stat().st_size > 10_000
+
+
+def test_a_candidate_dlt_notice_opens_the_ae_page_and_its_adjudicate_form(ui_server, tmp_path, monkeypatch, channels):
+    from playwright.sync_api import sync_playwright
+
+    from flows.safety import adjudicate_dlt, report_adverse_event
+    from tasks.adverse_events import AeReport
+
+    ui, api = ui_server
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'trial.db'}")
+    engine = trial_engine()
+    upgrade(engine)
+    register_staff(engine)
+    _cohort_of_three_with_closed_windows(engine)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with temporary_settings({PREFECT_API_URL: api, PREFECT_LOGGING_TO_API_ENABLED: False}), use_clock(VirtualClock(dt.datetime(2027, 2, 6, 2, tzinfo=UTC))):
+        adjudicate_dlt.to_deployment(name="adjudicate-dlt").apply()
+        report_adverse_event(recorded_by="inv-2", report=AeReport(subject_id="S-301", term="hepatic failure", category="non_haematological",
+                                                                  grade=3, onset_on=dt.date(2027, 2, 5), attribution="probable"))
+        (notice,) = [m.body for m in channels("pi") if "candidate DLT" in m.body]
+        assert "hepatic" not in notice  # the notice carries the subject, the event and the link; the page shows the AE
+        with sync_playwright() as p:
+            browser = _browser(p)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(notice.rsplit(" · ", 1)[1])
+            page.get_by_text("hepatic failure").first.wait_for()
+            link = page.get_by_role("link", name="Adjudicate AE 1 →")
+            page.screenshot(path=str(ARTIFACTS / "ae-page.png"))
+            page.goto(link.get_attribute("href"))
+            page.get_by_text("Your adjudication").first.wait_for()
+            assert page.locator("input").nth(1).input_value() == "1"  # the AE is filled in (the first input is the run's name)
+            page.screenshot(path=str(ARTIFACTS / "adjudicate-dlt-form.png"), full_page=True)
+            browser.close()
 
 
 def test_daily_rounds_publish_the_swimmer_plot_as_an_image_the_ui_shows(ui_server, tmp_path, monkeypatch, channels):

@@ -12,6 +12,8 @@ import yaml
 from prefect import get_client
 from prefect.settings import PREFECT_API_URL
 
+from flows.deployments import INTERNAL
+from protocol.roles import Act, Role, allowed_roles
 from tasks.runtime import protocol
 from tests.flows.conftest import ALL_FLOWS
 
@@ -24,13 +26,48 @@ def _flow(entrypoint: str):
     return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
 
 
-def test_every_flow_has_exactly_one_deployment_named_after_it():
+def test_every_flow_has_exactly_one_deployment_named_after_it_in_the_same_order():
     names = [d["name"] for d in SPEC["deployments"]]
-    assert sorted(names) == sorted(f.name for f in ALL_FLOWS)
+    assert names == [f.name for f in ALL_FLOWS]
     for d in SPEC["deployments"]:
         assert _flow(d["entrypoint"]).name == d["name"]
         assert d["enforce_parameter_schema"] is True
         assert d["work_pool"]["name"] == "nktrial"
+
+
+# Which act of the delegation log each staff form performs: its description must name exactly the roles the log allows.
+FORM_ACTS = {"enroll-patient": Act.ENROLL, "record-infusion": Act.RECORD_INFUSION, "record-il2-dose": Act.RECORD_IL2,
+             "record-visit": Act.RECORD_VISIT_OR_LAB, "record-lab-result": Act.RECORD_VISIT_OR_LAB, "report-adverse-event": Act.REPORT_AE,
+             "update-adverse-event": Act.REPORT_AE, "adjudicate-dlt": Act.ADJUDICATE_DLT, "cohort-review": Act.SIGN_ESCALATION,
+             "off-study": Act.OFF_STUDY, "manage-staff": Act.MANAGE_STAFF, "daily-rounds": None}
+INTERNAL_NOTE = "Internal — started by the system, not by hand: "
+
+
+def _roles_named(description: str) -> set[str]:
+    """'Nurse, coordinator or PI: ...' -> {'nurse', 'coordinator', 'pi'}."""
+    head = description.split(": ", 1)[0]
+    return {w.strip().lower() for w in head.replace(" or ", ", ").split(",")}
+
+
+def test_each_deployment_says_who_uses_it_and_is_tagged_for_staff_or_internal():
+    internal = {f.name for f in INTERNAL}
+    assert internal == {"patient-treatment", "treatment-event", "sae-deadline"}
+    kinds = []
+    for d in SPEC["deployments"]:
+        name, text, tags = d["name"], d["description"], set(d["tags"])
+        assert "\n" not in text and len(text) <= 200, name
+        assert len(tags & {"for-staff", "internal"}) == 1, name
+        if name in internal:
+            assert "internal" in tags and text.startswith(INTERNAL_NOTE), name
+        else:
+            assert "for-staff" in tags, name
+            named = _roles_named(text)
+            assert named <= {r.value for r in Role}, (name, named)
+            act = FORM_ACTS[name]
+            if act is not None:
+                assert named == {r.value for r in allowed_roles(protocol().authority.acts, act)}, (name, named)
+        kinds.append(name in internal)
+    assert kinds == sorted(kinds), "the forms staff use come first, the internal deployments last"
 
 
 def test_every_schedule_runs_in_the_protocol_site_timezone():
@@ -56,7 +93,14 @@ def test_prefect_yaml_deploys_to_a_real_server_with_typed_forms(prefect_server, 
         dep = client.read_deployment_by_name("enroll-patient/enroll-patient")
         schema = dep.parameter_openapi_schema
         assert dep.enforce_parameter_schema and dep.work_pool_name == "nktrial"
-        assert "ScreeningRecord" in schema["definitions"] and schema["definitions"]["ScreeningRecord"]["additionalProperties"] is False
+        screening = [d for name, d in schema["definitions"].items() if name != "EnrollmentRequest"]  # the screening record's parts
+        assert screening and all(d["additionalProperties"] is False for d in screening)  # an unknown field is refused at submit
         rounds = client.read_deployment_by_name("daily-rounds/daily-rounds")
         assert rounds.schedules[0].schedule.timezone == protocol().timezone
+        event = client.read_deployment_by_name("treatment-event/treatment-event")
+        assert "internal" in event.tags and event.description.startswith(INTERNAL_NOTE)
+        infusion = client.read_deployment_by_name("record-infusion/record-infusion")
+        assert "for-staff" in infusion.tags and infusion.description.startswith("Nurse or investigator: ")
+        given_at = infusion.parameter_openapi_schema["definitions"]["InfusionRecord"]["properties"]["given_at"]
+        assert given_at["type"] == "string" and given_at["title"] == f"Given at (site time, {protocol().timezone})"
     assert not (ROOT / "prefect.yaml").read_text(encoding="utf-8").count("set_working_directory")  # no machine path was written back

@@ -43,6 +43,7 @@ from tasks.runtime import protocol
 EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "screening-S-001.json").read_text())
 UTC = dt.timezone.utc
 DAY0 = dt.datetime(2027, 1, 31, 9, 0)
+APPROVAL = protocol().escalation.signature_meanings.value[0]  # the Resume form's meaning: chosen, never preset
 
 
 def _enroll(engine, clock, sid, day0=DAY0):
@@ -101,7 +102,8 @@ def _send_code(engine, clock, channels, *, signer, decision_id=None, ae_id=None)
 
 def _adjudicate(engine, clock, channels, ae_id, confirm, reason, signer="inv-2", **kw):
     code = _send_code(engine, clock, channels, signer=signer, ae_id=ae_id)
-    return adjudicate_dlt(AdjudicationRequest(ae_id=ae_id, confirm=confirm, reason=reason, investigator_id=signer, signing_code=code), **kw)
+    verdict = "DLT confirmed" if confirm else "not a DLT"
+    return adjudicate_dlt(AdjudicationRequest(ae_id=ae_id, verdict=verdict, reason=reason, investigator_id=signer, signing_code=code), **kw)
 
 
 def _review_runs(engine, states=(StateType.SCHEDULED, StateType.PAUSED)):
@@ -132,7 +134,7 @@ def _run_review(run_id):
 
 
 def _resume(run_id, **form):
-    resume_flow_run(run_id, run_input={"signer_id": "pi-01", "printed_name": "Principal Investigator", **form})
+    resume_flow_run(run_id, run_input={"signer_id": "pi-01", "printed_name": "Principal Investigator", "meaning": APPROVAL, **form})
     return _run_review(run_id)
 
 
@@ -240,8 +242,8 @@ def test_a_bolder_choice_than_the_rule_is_refused_and_a_cautious_one_is_signed(t
     with Session(trial_db) as s:
         told = {n.role for n in s.exec(select(NotificationOutbox)) if n.body.startswith("trial · trial stopped · enrollment closed; stopped by the PI")}
     assert told == {"coordinator", "nurse", "investigator", "pi", "cell-lab", "pharmacy", "safety"}
-    refused = _enroll(trial_db, clock, "S-134", day0=dt.datetime(2027, 6, 1, 9, 0))
-    assert refused.status is enrollment.EnrollmentStatus.WAITLISTED  # no level is open
+    with pytest.raises(UserError, match="enrollment of S-134 is refused: the trial was stopped by decision 1"):
+        _enroll(trial_db, clock, "S-134", day0=dt.datetime(2027, 6, 1, 9, 0))  # not even waitlisted: stop means stop
 
 
 def _force_subject_to_level_2(engine, sid):

@@ -103,7 +103,8 @@ def test_a_late_infusion_1_moves_the_runs(trial_db, clock, channels):
     before = {r.parameters["event"]["event_key"]: scheduled_at(r) for r in runs_before}
     clock.set(dt.datetime(2027, 2, 1, 2, 0, tzinfo=UTC))
     state = record_infusion(infusion("S-004", at=DAY0 + dt.timedelta(days=1)), return_state=True)
-    assert state.is_completed(), state.message
+    assert (state.name, state.message) == ("Recorded", "S-004: NK infusion 1 recorded at 2027-02-01 09:00 Asia/Shanghai; "
+                                                       "the calendar is re-anchored")
     runs_after = subject_runs("S-004")
     after = {r.parameters["event"]["event_key"]: scheduled_at(r) for r in runs_after}
     # Every run still to come moved one day, in place; infusion 1's own prep reminder is gone (the infusion is done).
@@ -118,7 +119,7 @@ def test_off_study_cancels_every_future_run_and_keeps_the_record(trial_db, clock
     clock.set(dt.datetime(2027, 1, 25, 1, 0, tzinfo=UTC))
     state = off_study(OffStudyRequest(subject_id="S-005", reason="withdrawal", effective_on=dt.date(2027, 1, 25), recorded_by="inv-2"),
                       return_state=True)
-    assert state.is_completed(), state.message
+    assert state.name == "Off study" and state.message.startswith("S-005 is off study from 2027-01-25 (withdrawal): ")
     assert subject_runs("S-005") == []
     assert len(subject_runs("S-005", states=(StateType.CANCELLED,))) == 17
     with Session(trial_db) as s:
@@ -209,12 +210,12 @@ def test_the_dlt_window_closing_records_evaluability(trial_db, clock, channels):
 
 def test_not_eligible_ends_with_the_failing_criteria(trial_db, clock, channels):
     state = enroll_patient(request("S-011", ecog=3, lvef_percent=40), return_state=True)
-    assert state.name == "Not eligible" and state.is_completed()
-    assert "failing I3, I5_CARDIAC" in state.message
+    assert state.name == "Screen failure" and state.is_cancelled()  # grey in the UI, not a green Completed
+    assert "Not met: ECOG performance status 0 to 2 (I3), value 3; LVEF ≥ 45 % (I5_CARDIAC)" in state.message
     assert subject_runs("S-011") == []
     with get_client(sync_client=True) as client:
         art = next(a for a in client.read_latest_artifacts(limit=50) if a.key == "screening-s-011")
-    assert "| ❌ | I3 | not_met | 3 |" in art.data
+    assert "- **ECOG performance status 0 to 2 (I3)** — NOT MET, keeps the candidate out" in art.data
 
 
 def test_a_day0_before_the_washouts_end_is_refused_and_nothing_is_written(trial_db, clock, channels):
@@ -238,8 +239,9 @@ REFUSALS = [
     (lambda: infusion("S-099"), "subject_id S-099 is not in the trial database"),
     (lambda: infusion("S-020").model_copy(update={"dose_level": 2}), "dose_level 2 does not match S-020's assigned dose level 1"),
     (lambda: infusion("S-020", number=2, at=dt.datetime(2027, 2, 20, 9, 0)), "NK infusion 2 on 2027-02-20 is outside its window 2027-02-14 to 2027-02-17"),
-    (lambda: infusion("S-020"), "NK infusion 1 for S-020 is already recorded"),
-    (lambda: infusion("S-020", number=2, at=dt.datetime(2027, 3, 20, 9, 0)), "is in the future"),
+    (lambda: infusion("S-020"), "NK infusion 1 for S-020 is already recorded (given at 2027-01-31 09:00 Asia/Shanghai)"),
+    (lambda: infusion("S-020", number=2, at=dt.datetime(2027, 3, 20, 9, 0)),
+     "given_at 2027-03-20 09:00 Asia/Shanghai is in the future (it is now 2027-02-21 09:00 Asia/Shanghai)"),
 ]
 
 
@@ -250,7 +252,7 @@ def test_a_wrong_recording_gets_a_clear_message_and_writes_nothing(trial_db, clo
     assert record_infusion(infusion("S-020"), return_state=True).is_completed()
     audit = count(trial_db, AuditLog)
     state = record_infusion(make(), return_state=True)
-    assert state.is_failed() and message in state.message
+    assert state.is_failed() and state.name == "Refused" and message in state.message
     assert count(trial_db, AuditLog) == audit
 
 

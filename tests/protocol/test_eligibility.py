@@ -165,3 +165,33 @@ def test_day0_on_the_earliest_date_passes_every_washout_and_the_day_before_fails
     assert screen(protocol, rec, day0_on=earliest).verdict is Verdict.ELIGIBLE
     if earliest > rec.consent_on:
         assert screen(protocol, rec, day0_on=earliest - dt.timedelta(days=1)).verdict is Verdict.NOT_ELIGIBLE
+
+
+# -- the words a coordinator reads (form titles, run message, screening artifact) -------------------------------
+
+
+def test_washouts_in_words_take_their_numbers_from_the_protocol_file(protocol):
+    from protocol.eligibility import washout_in_words
+
+    by_id = {w.id: w for w in protocol.eligibility.washouts}
+    relation = "more than" if protocol.eligibility.washout_boundary.value == "inclusive" else "at least"
+    steroid, antitumour, car_t = by_id["systemic_steroid"], by_id["antitumour_therapy"], by_id["modified_cell_therapy"]
+    assert washout_in_words(protocol, steroid) == f"{relation} {steroid.days} days"
+    assert washout_in_words(protocol, antitumour) == (
+        f"{relation} the {antitumour.rule} of {antitumour.days} days or {antitumour.half_lives} half-lives")
+    assert washout_in_words(protocol, car_t) == f"{relation} {car_t.months} months"
+
+
+def test_every_criterion_reads_in_words_with_a_status_word_and_no_field_names(protocol):
+    from protocol.eligibility import criterion_in_words, status_in_words
+
+    res = screen(protocol, record(ecog=3, cns_involvement=None, last_dli_on=None))
+    texts = {c.id: c.text for c in [*protocol.eligibility.inclusion, *protocol.eligibility.exclusion]}
+    for c in res.criteria:
+        assert criterion_in_words(c).startswith(texts[c.id.split(".")[0]]) and f"({c.id})" in criterion_in_words(c)
+        assert "_" not in c.value.replace(c.id, ""), c.value  # "no", "last date missing", not "cns_involvement=no"
+    assert status_in_words(row(res, "I3")) == "NOT MET, keeps the candidate out"
+    assert status_in_words(row(res, "I1")) == "MET, passes"
+    assert status_in_words(row(res, "E1")) == "UNKNOWN, data missing"
+    assert status_in_words(row(res, "E4")) == "NOT MET, passes"  # an exclusion that does not apply
+    assert criterion_in_words(row(res, "E2.dli")) == "Washouts before the first infusion: donor lymphocyte infusion (E2.dli)"
