@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from typing import Literal
 
 from prefect import flow, get_client, get_run_logger, task
@@ -26,7 +27,7 @@ from protocol.three_plus_three import Action
 from tasks import adverse_events, closure, escalation_gate, signatures, signing
 from tasks.adverse_events import AeReport, AeUpdate
 from tasks.delivery import load_channels
-from tasks.reports import review_form_fields, review_form_markdown, review_markdown
+from tasks.review_report import review_form_fields, review_form_markdown, review_markdown
 from tasks.settings import get_settings
 from tasks.staff import StaffId
 
@@ -252,12 +253,14 @@ def _wait_for_signature(d: EscalationDecision, state, details_url: str | None):
         described = _decision_form(d, state, refused).with_initial_data(
             description=review_form_markdown(protocol(), state, d, refused=refused, details_url=details_url))
         form = suspend_with_message(described, key=key, message=f"Signature refused: {refused}" if refused else None)
+        code = form.signing_code
+        if code != WIPED:  # spent once read, before anything else can fail
+            _wipe_code_from_input(key, form)
+        # The attempt key is this run's: a re-run from the top replays its own attempts, never another review run's.
         outcome = signatures.sign_decision(trial_engine(), protocol(), decision_id=d.id, signer_id=form.signer_id,
                                            printed_name=form.printed_name, action=Action(form.decision), rationale=form.rationale,
-                                           code=form.signing_code, meaning=form.meaning, attempt_key=f"ui-{attempt}",
+                                           code=code, meaning=form.meaning, attempt_key=f"ui-{flow_run.id}-{attempt}",
                                            clock=current_clock(), link=run_link())
-        if form.signing_code != WIPED:
-            _wipe_code_from_input(key, form)
         if outcome.accepted:
             return outcome
         get_run_logger().warning("signature refused: %s", outcome.reason)
@@ -289,11 +292,15 @@ def on_decision_signed(decision_id: int) -> None:
         d = s.get(EscalationDecision, decision_id)
         board = dashboard(s, p).markdown()
     signed = signatures.signed_decision(engine, p, decision_id)
-    if d.review_flow_run_id:
-        _publish_review(d, escalation_gate.read_trial_state(engine, p), signed, flow_run_id=d.review_flow_run_id)
-    with get_client(sync_client=True) as client:  # a stop or de-escalation: the runs of patients it left undosed are cancelled
+    with get_client(sync_client=True) as client:  # first: a stop or de-escalation cancels the runs of patients it left undosed
         closure.reproject_not_dosed(client, engine, now=current_clock()())
-    create_markdown_artifact(key="trial-dashboard", markdown=board, description="Cohort and trial dashboard")
+    try:  # what people read; a failure here never undoes or blocks the above
+        if d.review_flow_run_id:
+            _publish_review(d, escalation_gate.read_trial_state(engine, p), signed, flow_run_id=d.review_flow_run_id)
+        create_markdown_artifact(key="trial-dashboard", markdown=board, description="Cohort and trial dashboard")
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).warning("decision %d is signed; its review artifact or the dashboard was not refreshed: %s",
+                                            decision_id, exc)
 
 
 def complete_signed_review(decision_id: int) -> str | None:
@@ -327,7 +334,8 @@ def cohort_review():
     if d is None:
         return "no cohort is ready for review"
     signed = signatures.signed_decision(engine, protocol(), d.id)
-    if signed is not None:  # signed elsewhere (the command line) before this run resumed
+    if signed is not None:  # signed elsewhere (the command line) before this run resumed, or this run stopped after signing
+        on_decision_signed(d.id)  # idempotent: whatever did not happen after the signature happens now
         return _signed_state(signed)
     state = escalation_gate.read_trial_state(engine, protocol())
     escalation_gate.record_review_run(engine, decision_id=d.id, flow_run_id=str(flow_run.id), clock=current_clock())

@@ -81,6 +81,7 @@ class TrialState:
     basis_at: dt.datetime | None
     pending: list[str] = field(default_factory=list)
     recommendation: Decision | None = None
+    undosed: dict[int, list[str]] = field(default_factory=dict)  # level -> patients on study not yet given an NK infusion
 
     @property
     def history(self) -> str:

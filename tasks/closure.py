@@ -8,6 +8,10 @@ happen: product requests, infusion preparation, the infusions, IL-2, the DLT win
 their undelivered notices are cancelled, they go off study with the reason `trial_stopped` or
 `dose_level_closed` (their status reads "not dosed: trial stopped"), and the coordinator, the cell
 lab and the nurses are told. They are not replaced. Patients already dosed keep everything.
+A patient whose NK infusion 1 window has already opened when the decision is signed may have been
+dosed without it being recorded yet: nothing irreversible is done to them; the coordinator, the
+nurses and the PI are told not to infuse, to record infusion 1 if it was given, and otherwise to
+take the patient off study.
 
 After the signature is committed, `reproject_not_dosed` cancels their scheduled Prefect runs;
 enrollment after a signed stop is refused by `refuse_enrollment_after_stop`.
@@ -30,6 +34,7 @@ from models.tables import (
     Subject,
     SubjectStatus,
 )
+from protocol.calendar import EventKey
 from protocol.cohorts import levels_closed_to_undosed, not_dosed_words
 from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
@@ -40,6 +45,7 @@ from protocol.three_plus_three import Action
 from tasks.notices import Notice, NoticeEvent, cancel_pending, enqueue
 
 TOLD = (Role.COORDINATOR, Role.CELL_LAB, Role.NURSE)  # who prepares, requests or gives an infusion
+CONFIRM = (Role.COORDINATOR, Role.NURSE, Role.PI)  # who knows whether infusion 1 was given, and who decides if it was not
 REASON = {Action.STOP: OffStudyReason.TRIAL_STOPPED, Action.DEESCALATE: OffStudyReason.DOSE_LEVEL_CLOSED}
 
 
@@ -50,6 +56,9 @@ def close_undosed(s: Session, protocol: ProtocolDefinition, d: EscalationDecisio
     num_levels = len(s.exec(select(DoseLevelState.level)).all())
     closed = []
     for subject in undosed_on_study(s, levels_closed_to_undosed(action, from_level=d.from_level, num_levels=num_levels)):
+        if _may_have_been_dosed(s, protocol, subject, at):
+            _ask_to_confirm(s, d, subject, at, link)
+            continue
         words = not_dosed_words(action, dose_level=subject.dose_level)
         planned = s.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == subject.id,
                                                         CalendarEventRow.status == EventStatus.PLANNED)).all()
@@ -67,6 +76,22 @@ def close_undosed(s: Session, protocol: ProtocolDefinition, d: EscalationDecisio
         closed.append(subject.subject_id)
     s.flush()
     return closed
+
+
+def _may_have_been_dosed(s: Session, protocol: ProtocolDefinition, subject: Subject, at: dt.datetime) -> bool:
+    """NK infusion 1's window has opened by the signature: it may have been given and not yet recorded (a nurse
+    records after the bedside). Nothing irreversible is done to such a patient; the unit confirms instead."""
+    row = s.exec(select(CalendarEventRow).where(CalendarEventRow.subject_pk == subject.id,
+                                                CalendarEventRow.key == str(EventKey.nk_infusion(1)))).first()
+    return row is not None and row.window_start_on <= site_today(protocol, at)
+
+
+def _ask_to_confirm(s: Session, d: EscalationDecision, subject: Subject, at: dt.datetime, link: str | None) -> None:
+    """The coordinator, the nurses and the PI are told not to infuse and to record infusion 1 if it was given;
+    if it was not, the investigator takes the patient off study."""
+    for role in CONFIRM:
+        enqueue(s, Notice(role, NoticeEvent.DOSING_TO_CONFIRM, subject.subject_id, detail=f"decision {d.id}; if not given, "
+                          "take the patient off study", link=link), dedup=f"{subject.subject_id}:dosing-to-confirm:decision-{d.id}", at=at)
 
 
 def reproject_not_dosed(client, engine, *, now: dt.datetime) -> int:

@@ -14,7 +14,7 @@ from sqlmodel import Session, select
 
 from models.clock import Clock
 from models.db import UnitOfWork
-from models.queries import enrolled_at_level, not_dosed
+from models.queries import enrolled_at_level, not_dosed, signed_stop, undosed_on_study
 from models.tables import (
     Adjudication,
     AdverseEvent,
@@ -48,7 +48,10 @@ def trial_state(session: Session, protocol: ProtocolDefinition) -> TrialState:
     records = [PatientRecord(subj.subject_id, e.dose_level, e.cohort, e.evaluable, e.dlt_window_closed_at,
                              had_dlt=subj.id in dlt_at, dlt_adjudicated_at=dlt_at.get(subj.id),
                              not_dosed=undosed[subj.id][1] if subj.id in undosed else None) for e, subj in rows]
-    return cohort_state(design_for(protocol), records)
+    state = cohort_state(design_for(protocol), records)
+    for subject in undosed_on_study(session, tuple(range(1, len(protocol.dose_levels.levels) + 1))):  # what a stop would close
+        state.undosed.setdefault(subject.dose_level, []).append(subject.subject_id)
+    return state
 
 
 def read_trial_state(engine, protocol: ProtocolDefinition) -> TrialState:
@@ -82,7 +85,7 @@ def open_review(engine, protocol: ProtocolDefinition, *, clock: Clock) -> Escala
     with UnitOfWork(engine, actor="system:cohort-review", reason="cohort ready for review", clock=clock) as u:
         s = u.session
         state = trial_state(s, protocol)
-        if not state.ready:
+        if not state.ready or signed_stop(s) is not None:  # after a signed stop there is nothing more to decide
             return None
         existing = s.exec(select(EscalationDecision).where(EscalationDecision.history == state.history)).first()
         if existing is not None:

@@ -44,6 +44,7 @@ class NoticeEvent(StrEnum):
     ESCALATION_SIGNED = "escalation decision signed"
     TRIAL_STOPPED = "trial stopped"
     NOT_DOSED = "will not be dosed: NK infusions, product requests and preparation cancelled"
+    DOSING_TO_CONFIRM = "trial stopped or level closed: do not infuse, NK infusion 1 was due already: record it if it was given"
     REPLACEMENT_SLOT = "not evaluable: a replacement slot is open"
     AUDIT_BREAK = "audit trail check failed: rows changed, deleted or written out of band"
     SIGNING_LOCKED_OUT = "signing locked out after repeated wrong codes"  # the staff ID and the act; never a code

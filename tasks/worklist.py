@@ -90,7 +90,7 @@ def trial_headline(session: Session) -> list[str]:
     """The trial's stop and closed levels, in words, from the signed decisions and the levels' states."""
     lines = []
     signed = session.exec(select(EscalationDecision, Signature).join(Signature, Signature.decision_id == EscalationDecision.id)
-                          .order_by(EscalationDecision.id)).all()
+                          .order_by(EscalationDecision.id.desc())).all()  # newest first: a stop leads
     for d, sig in signed:
         if d.chosen_action == Action.STOP:
             lines.append(f"TRIAL STOPPED: stop signed by {sig.printed_name} ({sig.signer_id}) for DL{d.from_level}; "

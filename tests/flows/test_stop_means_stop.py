@@ -116,6 +116,35 @@ def test_a_signed_stop_cancels_the_undosed_patients_infusions_and_keeps_the_dose
                                   cells_infused=1e8, product_lot="L-603", actor="nurse-7", clock=lambda: dt.datetime(2027, 3, 1, tzinfo=UTC))
 
 
+def test_a_patient_whose_infusion_1_was_due_before_the_stop_is_asked_about_not_taken_off_study(trial_db, clock, channels):
+    """Infused at 09:00, recorded at 10:30, the stop signed at 10:00: the infusion must still be recordable and the
+    patient keep their follow-up. Nothing irreversible is done; the unit is told not to infuse and to confirm."""
+    for sid in ("S-621", "S-622"):
+        assert enroll_patient(request(sid, DAY0), return_state=True).is_completed()
+        _treat(trial_db, clock, sid)
+    due_this_morning = dt.datetime(2027, 2, 6, 9, 0)
+    assert enroll_patient(request("S-623", due_this_morning), return_state=True).is_completed()
+    clock.set(dt.datetime(2027, 2, 6, 2, 0, tzinfo=UTC))  # 10:00 in Shanghai, infusion 1 was due at 09:00
+    for ae_id, sid in ((1, "S-621"), (2, "S-622")):
+        report_adverse_event(recorded_by="inv-2", report=_ae(sid, category="crs", grade=3))
+        _adjudicate(trial_db, clock, channels, ae_id, True, "CRS grade 3")
+    (run,) = _review_runs(trial_db)
+    assert _run_review(run.id).is_paused()
+    assert _resume(run.id, decision="stop", signing_code=_code(channels)).is_completed()
+
+    subject, events = _events(trial_db, "S-623")
+    assert subject.status is not SubjectStatus.OFF_STUDY and EventStatus.PLANNED in {e.status for e in events}
+    for role in ("coordinator", "nurse", "pi"):
+        asked = [m.body for m in channels(role) if m.body.startswith("S-623 · trial stopped or level closed: do not infuse")]
+        assert len(asked) == 1, [m.body for m in channels(role)]
+    assert not [m for m in channels() if m.body.startswith("S-623 · will not be dosed")]
+    # The nurse records the infusion given before the signature: accepted, the patient keeps their follow-up.
+    recording.record_infusion(trial_db, protocol(), subject_id="S-623", infusion_number=1, given_at=dt.datetime(2027, 2, 6, 9, 5),
+                              dose_level=1, cells_infused=1e8, product_lot="L-623", actor="nurse-7",
+                              clock=lambda: dt.datetime(2027, 2, 6, 2, 30, tzinfo=UTC))
+    assert _events(trial_db, "S-623")[0].status is SubjectStatus.ON_TREATMENT
+
+
 def test_a_signed_de_escalation_closes_only_the_level_it_leaves(trial_db, clock, channels):
     for sid in ("S-611", "S-612", "S-613"):
         _enroll(trial_db, clock, sid)
