@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 from prefect.exceptions import PrefectHTTPStatusError
 from sqlmodel import Session, select
 
@@ -177,7 +179,9 @@ def test_a_screen_failure_ends_grey_named_screen_failure_with_the_criteria_in_wo
     with Session(trial_db) as s:
         assert s.exec(select(Subject.status)).one() is SubjectStatus.SCREEN_FAILED
     with get_client(sync_client=True) as client:
-        art = next(a for a in client.read_latest_artifacts(limit=50) if a.key == "screening-s-001")
+        # this key's newest version, however many other artifacts the session's server holds by now
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["screening-s-001"])),
+                                       sort=ArtifactSort.CREATED_DESC, limit=1)
     assert art.data.startswith("# Screening S-001: SCREEN FAILURE")
     assert "- **ECOG performance status 0 to 2 (I3)** — NOT MET, keeps the candidate out" in art.data
     assert "- **Washouts before the first infusion: radiotherapy (E2.radiotherapy)** — NOT MET, passes" in art.data
