@@ -170,19 +170,20 @@ def test_the_server_takes_what_the_ui_sends_and_refuses_a_washout_that_is_neithe
 
 
 def test_a_screen_failure_ends_grey_named_screen_failure_with_the_criteria_in_words(trial_db, clock, channels):
-    state = enroll_patient(EnrollmentRequest.model_validate(form(consent_and_history__ecog=3, washouts__last_dli_on=...)),
-                           return_state=True)
+    # a subject ID no other test enrolls: the session's server keeps every earlier test's runs
+    request = {**form(consent_and_history__ecog=3, washouts__last_dli_on=...), "subject_id": "S-061"}
+    state = enroll_patient(EnrollmentRequest.model_validate(request), return_state=True)
     assert state.is_cancelled() and state.name == SCREEN_FAILURE
     assert "Not met: ECOG performance status 0 to 2 (I3), value 3" in state.message
     assert "Unknown: Washouts before the first infusion: donor lymphocyte infusion (E2.dli)" in state.message
-    assert subject_runs("S-001") == []
+    assert subject_runs("S-061") == []
     with Session(trial_db) as s:
         assert s.exec(select(Subject.status)).one() is SubjectStatus.SCREEN_FAILED
     with get_client(sync_client=True) as client:
         # this key's newest version, however many other artifacts the session's server holds by now
-        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["screening-s-001"])),
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["screening-s-061"])),
                                        sort=ArtifactSort.CREATED_DESC, limit=1)
-    assert art.data.startswith("# Screening S-001: SCREEN FAILURE")
+    assert art.data.startswith("# Screening S-061: SCREEN FAILURE")
     assert "- **ECOG performance status 0 to 2 (I3)** — NOT MET, keeps the candidate out" in art.data
     assert "- **Washouts before the first infusion: radiotherapy (E2.radiotherapy)** — NOT MET, passes" in art.data
     assert "  - value: never" in art.data and "|" not in art.data  # a list, not a table cut off at the page's edge
