@@ -1,3 +1,1 @@
-"""The e2e tests reuse the real apprise receiver of the flow tests."""
-
-from tests.flows.conftest import channels, receiver  # noqa: F401
+"""The e2e tests use the session fixtures of tests/conftest.py: the Prefect server and the apprise receiver."""
