@@ -253,7 +253,7 @@ class SigningLockout(SQLModel, table=True):
     until_at: dt.datetime = _at()
 
 
-# Notification outbox: written with the state change that caused it, delivered later per channel.
+# Notification outbox: written with the state change that caused it, delivered later per channel by a pass that claims it.
 class NotificationOutbox(SQLModel, table=True):
     __tablename__ = "notification_outbox"
     id: int | None = Field(default=None, primary_key=True)
@@ -269,6 +269,8 @@ class NotificationOutbox(SQLModel, table=True):
     last_error: str | None = Field(default=None, max_length=300)
     created_at: dt.datetime = _at()
     delivered_at: dt.datetime | None = _at(default=None)
+    claimed_by: str | None = Field(default=None, max_length=64)  # the delivery pass sending it now (tasks/delivery.py)
+    claim_expires_at: dt.datetime | None = _at(default=None)  # wall time after which another pass may take it over
 
 
 # Notification delivery: one row per outbox message and channel that got it; a channel never gets it twice.

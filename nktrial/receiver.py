@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,11 +18,17 @@ class Received:
 
 @dataclass
 class Receiver:
-    """Collects every message posted to it; paths listed in `down` answer 503 instead."""
+    """Collects every message posted to it; paths listed in `down` answer 503 instead. For fault tests: a path in
+    `slow` takes the message and answers after that many seconds; a path in `hang` holds the request, takes nothing,
+    and answers 503 only when `release()` is called (each held request is counted in `hung`)."""
 
     messages: list[Received] = field(default_factory=list)
     down: set[str] = field(default_factory=set)
+    slow: dict[str, float] = field(default_factory=dict)
+    hang: set[str] = field(default_factory=set)
+    hung: list[str] = field(default_factory=list)
     port: int = 0
+    _released: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def start(self) -> Receiver:
         receiver = self
@@ -31,13 +38,24 @@ class Receiver:
                 length = int(self.headers.get("Content-Length", 0))
                 data = json.loads(self.rfile.read(length) or b"{}")
                 path = self.path.strip("/")
-                if path in receiver.down:
-                    self.send_response(503)
-                    self.end_headers()
+                held = path in receiver.hang
+                if held:
+                    receiver.hung.append(path)
+                    receiver._released.wait(timeout=120)
+                if held or path in receiver.down:
+                    self._answer(503)
                     return
                 receiver.messages.append(Received(path, data.get("title", ""), data.get("message", "")))
-                self.send_response(200)
-                self.end_headers()
+                if delay := receiver.slow.get(path):
+                    time.sleep(delay)
+                self._answer(200)
+
+            def _answer(self, status: int) -> None:
+                try:
+                    self.send_response(status)
+                    self.end_headers()
+                except OSError:
+                    pass  # the sender gave up (or was killed) while the request was held
 
             def log_message(self, *args):
                 pass
@@ -48,7 +66,14 @@ class Receiver:
         return self
 
     def stop(self) -> None:
+        self.release()
         self._server.shutdown()
+
+    def release(self) -> None:
+        """Let every held request answer (503) and hold none from now on."""
+        self.hang.clear()
+        self._released.set()
+        self._released = threading.Event()
 
     def at(self, path: str) -> list[Received]:
         return [m for m in self.messages if m.path == path]

@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     protocol_file: Path | None = Field(default=None, description="protocol YAML; the shipped NCT06641648 file when unset")
     apprise_config: Path | None = Field(default=None, description="apprise config file; each URL tagged with the roles it serves")
     actor: str | None = Field(default=None, description="staff ID the CLI writes as (or --as); no default: every write names its actor")
+    delivery_lease_seconds: int = Field(default=300, ge=1, le=86_400, description="assumption: how long a delivery pass holds the notices "
+                                        "it claimed; a pass that died is taken over after it (a batch of 10 sends well within it)")
 
     @field_validator("database_url", "database_owner_url", "protocol_file", "apprise_config", "actor", mode="before")
     @classmethod

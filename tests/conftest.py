@@ -124,9 +124,10 @@ def receiver():
     _assert_no_patient_data(r)
 
 
-# Every message sent in the whole suite must read: subject ID · event · [detail] · [due date] · [run link].
+# Every message sent in the whole suite must read: subject ID · event · [detail] · [due date] · [run link] · [notice ID].
 _SHAPE = re.compile(
-    r"^(S-\d{3}|trial) · [A-Za-z0-9 ,:()\-+.]+( · [A-Za-z0-9_ ,:()\-+.…;]+)?( · due \d{4}-\d{2}-\d{2})?( · https?://\S+)?$"
+    r"^(S-\d{3}|trial) · [A-Za-z0-9 ,:()\-+.]+( · [A-Za-z0-9_ ,:()\-+.…;]+)?( · due \d{4}-\d{2}-\d{2})?( · https?://\S+)?"
+    r"( · notice \d+)?$"
 )
 _SCREENING_WORDS = ("ecog", "alt ", "ast ", "bilirubin", "lvef", "creatinine", "mrd_positive", "age_years", "consent", "pregnan", "cns",
                     "hiv", "hbv", "steroid", "half_life", "jane", "doe")

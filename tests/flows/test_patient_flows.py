@@ -177,7 +177,7 @@ def test_no_channel_configured_still_records_every_notice(trial_db, clock, monke
     enroll_patient(request("S-008"))
     with Session(trial_db) as s:
         notes = s.exec(select(NotificationOutbox)).all()
-    assert {(n.role, n.status) for n in notes} == {("coordinator", OutboxStatus.NO_CHANNEL), ("cell-lab", OutboxStatus.NO_CHANNEL)}
+    assert {(n.role, n.status) for n in notes} == {("coordinator", OutboxStatus.PENDING), ("cell-lab", OutboxStatus.PENDING)}
 
 
 def test_a_due_event_acts_once_and_a_moved_one_does_nothing(trial_db, clock, channels):
