@@ -22,6 +22,7 @@ from models.audit_chain import GENESIS, row_hash
 from models.clock import Clock, wall_clock
 from models.tables import AccessRefusal, AuditLog
 from protocol.errors import AccessRefused
+from protocol.plausible import text_fits
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -96,6 +97,7 @@ class UnitOfWork:
             raise ValueError("actor: a staff ID or system name is at most 64 characters")
         if not reason or not reason.strip():
             raise ValueError("reason: every clinical write needs why it was made")
+        text_fits("reason (kept in audit_log.reason)", reason.strip(), AuditLog.__table__.c.reason.type.length)
         self.engine, self.actor, self.reason, self.clock = engine, actor.strip(), reason.strip(), clock
         self.session: Session | None = None
 
@@ -127,8 +129,21 @@ class UnitOfWork:
         self.session.commit()
 
 
+def _check_text_lengths(session: Session) -> None:
+    """Every String column's value fits its declared length, checked before the database sees it: PostgreSQL would
+    fail mid-transaction and SQLite would store it whole, so both engines refuse it here with the same sentence."""
+    for obj in session.new | session.dirty:
+        for col in sa.inspect(obj).mapper.columns:
+            limit = getattr(col.type, "length", None)  # String, sqlmodel's AutoString (a TypeDecorator) and Enum all carry it
+            if isinstance(limit, int) and limit > 0:
+                value = getattr(obj, col.key, None)
+                if isinstance(value, str):
+                    text_fits(f"{obj.__tablename__}.{col.name}", value, limit)
+
+
 @event.listens_for(Session, "before_flush")
 def _collect_audit(session: Session, _ctx, _instances) -> None:
+    _check_text_lengths(session)
     uow: UnitOfWork | None = session.info.get("uow")
     pending = session.info.setdefault("audit_pending", [])
     for obj in session.dirty | session.deleted:

@@ -307,6 +307,16 @@ class Notifications(Sourcing):
     visit_window_open_reminder: bool
     sae_report_deadline_hours: int = Field(gt=0)
     sae_reminder_before_deadline_hours: int = Field(ge=0)
+    stuck_run_minutes: Sourced[int]  # a run Pending or Late longer than this is flagged and rescheduled (tasks.projection)
+
+
+# The sane range of each kind of protocol value: (largest allowed, why). The loader refuses a file past them.
+PROTOCOL_BOUNDS: dict[str, tuple[int, str]] = {
+    "protocol_day": (3650, "ten years of follow-up is beyond any Phase I schedule; more is a typing error"),
+    "window_days": (90, "a visit window wider than three months no longer pins the visit to its day"),
+    "lead_days": (90, "a notice or stagger more than three months ahead of its event is a typing error"),
+    "deadline_hours": (24 * 30, "an expedited SAE report is due within days, never more than a month"),
+}
 
 
 class ProtocolDefinition(_Strict):
@@ -328,6 +338,7 @@ class ProtocolDefinition(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ProtocolDefinition:
+        self._sane_ranges()  # first: a value past its bound is a typing error, whatever else it breaks
         last_infusion_day = self.nk_infusions.infusions[-1].day
         anchors = {"infusion_1": 0, "infusion_2": self.nk_infusions.infusions[1].day if len(self.nk_infusions.infusions) > 1 else None}
         for i, s in enumerate(self.pk_samples.samples):
@@ -341,6 +352,29 @@ class ProtocolDefinition(_Strict):
         if self.escalation.max_enrollment.value != self.escalation.max_per_level.value * len(self.dose_levels.levels):
             raise ValueError("escalation.max_enrollment must equal max_per_level × the number of dose levels")
         return self
+
+    def _sane_ranges(self) -> None:
+        """Every day, window and lead time within the bounds next to the loader (PROTOCOL_BOUNDS): a value past them is a
+        typing error, and would put dates past the calendar's end."""
+        days = {f"nk_infusions.infusions[{i}].day": x.day for i, x in enumerate(self.nk_infusions.infusions)}
+        days |= {f"visits[{i}].day": v.day for i, v in enumerate(self.visits)}
+        days |= {"dlt.window.close_day": self.dlt.window.close_day, "il2.first_day": self.il2.first_day.value,
+                 "il2 last day": self.il2.first_day.value + self.il2.duration_days.value - 1}
+        days |= {f"pk_samples.samples[{i}].offset_days": x.offset_days for i, x in enumerate(self.pk_samples.samples)}
+        windows = {f"nk_infusions.infusions[{i}].window": x.window for i, x in enumerate(self.nk_infusions.infusions)}
+        windows |= {f"visits[{i}].window": v.window for i, v in enumerate(self.visits)}
+        checks = [(name, v, "protocol_day") for name, v in days.items()]
+        checks += [(f"{name}.{side}", getattr(w, side), "window_days") for name, w in windows.items() for side in ("minus_days", "plus_days")]
+        checks += [("nk_infusions.product_request_lead_days", self.nk_infusions.product_request_lead_days.value, "lead_days"),
+                   ("notifications.infusion_prep_lead_days", self.notifications.infusion_prep_lead_days, "lead_days"),
+                   ("escalation.sentinel_stagger_days", self.escalation.sentinel_stagger_days.value, "lead_days"),
+                   ("notifications.sae_report_deadline_hours", self.notifications.sae_report_deadline_hours, "deadline_hours"),
+                   ("notifications.sae_reminder_before_deadline_hours", self.notifications.sae_reminder_before_deadline_hours,
+                    "deadline_hours")]
+        for name, value, kind in checks:
+            high, reason = PROTOCOL_BOUNDS[kind]
+            if not 0 <= value <= high:
+                raise ValueError(f"{name} is {value}; it must be from 0 to {high} ({reason})")
 
     @property
     def version(self) -> str:

@@ -16,6 +16,7 @@ from protocol.dates import local_instant, to_local
 from protocol.definition import ProtocolDefinition
 from protocol.eligibility import ScreeningResult
 from protocol.errors import UserError
+from protocol.plausible import finite_number
 
 
 class VisitKind(StrEnum):
@@ -125,6 +126,7 @@ def check_infusion_entry(protocol: ProtocolDefinition, *, infusion_number: int, 
         raise UserError(f"infusion_number {infusion_number} does not exist; the protocol has infusions 1 to {len(plan)}")
     if not product_lot.strip():
         raise UserError("product_lot is required: every infusion records the product lot it came from")
+    finite_number("cells_infused", cells_infused)
     if cells_infused <= 0:
         raise UserError("cells_infused must be greater than 0")
 

@@ -8,6 +8,7 @@ Plain functions over the trial database; flows and the CLI call them. The DLT ru
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from sqlmodel import Session, select
 from models.clock import Clock
 from models.db import UnitOfWork
 from models.queries import calendar_event, get_subject
-from models.tables import Adjudication, AdverseEvent, Enrollment, Subject
+from models.tables import Adjudication, AdverseEvent, Enrollment, ScreeningRecordRow, Subject
+from protocol import plausible
 from protocol.calendar import EventKey, EventKind
+from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
 from protocol.dlt import AeCategory, AeFacts, Attribution, DltScreen, screen_dlt
 from protocol.errors import UserError
@@ -30,6 +33,8 @@ from protocol.three_plus_three import too_toxic
 from tasks.notices import Notice, NoticeEvent, enqueue
 from tasks.signing import SignedAct, check_signature, record_accepted, record_refusal
 from tasks.staff import authorize, recorded_as
+
+MAX_AE_DAYS = 3650  # a cytopenia lasting ten years is a typing error (and a larger number overflows the database's integer)
 
 
 class AeReport(BaseModel):
@@ -45,7 +50,7 @@ class AeReport(BaseModel):
     serious: bool = False
     resolved_on: dt.date | None = None
     resolved_to_grade_1_within_72h: bool | None = Field(default=None, description="infusion reactions")
-    duration_days: int | None = Field(default=None, ge=0, description="cytopenias: days it lasted")
+    duration_days: int | None = Field(default=None, ge=0, le=MAX_AE_DAYS, description="cytopenias: days it lasted")
     caused_by_leukaemia: bool | None = Field(default=None, description="cytopenias")
     caused_by_progression: bool | None = Field(default=None, description="grade 5")
 
@@ -58,7 +63,7 @@ class AeUpdate(BaseModel):
     grade: int | None = Field(default=None, ge=1, le=5)
     resolved_on: dt.date | None = None
     resolved_to_grade_1_within_72h: bool | None = None
-    duration_days: int | None = Field(default=None, ge=0)
+    duration_days: int | None = Field(default=None, ge=0, le=MAX_AE_DAYS)
     caused_by_leukaemia: bool | None = None
     caused_by_progression: bool | None = None
     reason: str = Field(min_length=1, max_length=200, description="why it changed (kept in the audit trail)")
@@ -88,7 +93,8 @@ def report_adverse_event(engine, protocol: ProtocolDefinition, *, report: AeRepo
         subject = get_subject(s, subject_id=report.subject_id)
         if subject is None:
             raise UserError(f"subject_id {report.subject_id} is not in the trial database")
-        _check_report_dates(report, today=site_today(protocol, u.at))
+        plausible.ae_dates(report.onset_on, report.resolved_on, consent_on=_consent_on(s, protocol, subject),
+                           today=site_today(protocol, u.at))
         ae = AdverseEvent(subject_pk=subject.id, term=report.term.strip(), reported_at=u.at,
                           **report.model_dump(exclude={"subject_id", "term"}))
         s.add(ae)
@@ -100,11 +106,19 @@ def report_adverse_event(engine, protocol: ProtocolDefinition, *, report: AeRepo
         return AeOutcome(ae.id, report.subject_id, screen, rule, report.serious)
 
 
-def _check_report_dates(report: AeReport, *, today: dt.date) -> None:
-    if report.onset_on > today:
-        raise UserError(f"onset_on {report.onset_on} is in the future")
-    if report.resolved_on and report.resolved_on < report.onset_on:
-        raise UserError(f"resolved_on {report.resolved_on} is before onset_on {report.onset_on}")
+def _consent_on(session: Session, protocol: ProtocolDefinition, subject: Subject) -> dt.date:
+    """The consent date kept with the screening (criterion I7's value); without one, the date the patient entered the
+    trial database, which consent always precedes."""
+    rows = session.exec(select(ScreeningRecordRow).where(ScreeningRecordRow.subject_pk == subject.id)
+                        .order_by(ScreeningRecordRow.id.desc())).all()
+    for row in rows:
+        for criterion in json.loads(row.result_json).get("criteria", []):
+            if criterion.get("id") == "I7":
+                try:
+                    return dt.date.fromisoformat(str(criterion.get("value")))
+                except ValueError:
+                    break
+    return to_local(protocol.timezone, subject.created_at).date()
 
 
 def update_adverse_event(engine, protocol: ProtocolDefinition, *, update: AeUpdate, actor: str, clock: Clock,
@@ -117,6 +131,8 @@ def update_adverse_event(engine, protocol: ProtocolDefinition, *, update: AeUpda
         changes = update.model_dump(exclude={"ae_id", "reason"}, exclude_none=True)
         if not changes:
             raise UserError("nothing to update: give a new grade, resolved_on or a DLT fact")
+        plausible.ae_dates(ae.onset_on, changes.get("resolved_on", ae.resolved_on), consent_on=None,
+                           today=site_today(protocol, u.at))
         for key, value in changes.items():
             setattr(ae, key, value)
         subject = s.get(Subject, ae.subject_pk)

@@ -32,6 +32,7 @@ from models.tables import (
     SubjectStatus,
     WaitlistEntry,
 )
+from protocol import plausible
 from protocol import recording as rules
 from protocol.calendar import Calendar, EventKey, EventKind, compute_calendar
 from protocol.dates import local_instant, to_local
@@ -178,6 +179,8 @@ def record_il2_dose(
         if _administration(s, subject, key):
             raise UserError(f"IL-2 dose {dose_number} for {subject_id} is already recorded; it cannot be entered twice")
         given_utc, reason = None, deviation_reason
+        if not given:
+            plausible.missed_not_before_due(f"IL-2 dose {dose_number} for {subject_id}", row.local_on, site_today(protocol, u.at))
         if given:
             local = site_local(protocol, given_at)
             _not_future(protocol, "given_at", local, u.at)
@@ -223,9 +226,11 @@ class LabResultInput(BaseModel):
     sampled_on: dt.date
     pk_day: int | None = Field(default=None, description="donor_nk_count: the protocol day of the PK sample, e.g. 7")
     visit: VisitKind = Field(default=VisitKind.THREE_MONTH, description="mrd_mfc and response: the visit it belongs to")
-    donor_nk_cells_per_ul: float | None = Field(default=None, ge=0, description="donor_nk_count: donor NK cells per µL")
+    donor_nk_cells_per_ul: float | None = Field(default=None, ge=0, le=1e6, allow_inf_nan=False,
+                                                description="donor_nk_count: donor NK cells per µL (at most 10^6: "
+                                                            "more than whole blood's leukocytes, a typing error)")
     mrd: MrdStatus | None = None
-    mrd_percent: float | None = Field(default=None, ge=0, le=100)
+    mrd_percent: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     response: Response | None = None
 
     def stored_value(self) -> tuple[float | None, str | None, str | None]:
@@ -284,7 +289,7 @@ def take_off_study(
         subject = require_subject(s, subject_id)
         if subject.status is SubjectStatus.OFF_STUDY:
             raise UserError(f"subject_id {subject_id} is already off study since {subject.off_study_on}")
-        rules.no_future("effective_on", effective_on, site_today(protocol, u.at))
+        plausible.off_study_date(effective_on, entered_on=_entered_on(s, protocol, subject), today=site_today(protocol, u.at))
         cancelled = _end_participation(s, subject, effective_on, u.at, link)
         subject.status, subject.off_study_reason, subject.off_study_on = SubjectStatus.OFF_STUDY, reason, effective_on
         s.add(subject)
@@ -293,6 +298,12 @@ def take_off_study(
                 dedup=f"{subject_id}:off_study", at=u.at)
         u.commit()
         return cancelled
+
+
+def _entered_on(s: Session, protocol: ProtocolDefinition, subject: Subject) -> dt.date:
+    """The site-local date the patient entered the study: enrollment, or screening for one never enrolled."""
+    enrollment = s.exec(select(Enrollment).where(Enrollment.subject_pk == subject.id)).first()
+    return to_local(protocol.timezone, enrollment.enrolled_at if enrollment else subject.created_at).date()
 
 
 def _end_participation(s: Session, subject: Subject, effective_on: dt.date, at: dt.datetime, link: str | None) -> int:

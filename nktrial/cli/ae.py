@@ -5,7 +5,7 @@ The services are imported inside each command: building the parser stays cheap.
 
 from __future__ import annotations
 
-from nktrial.cli.shared import actor, deliver_now, enum_argument, validated, writer, yes_no
+from nktrial.cli.shared import actor, deliver_now, enum_argument, record_id, validated, writer, yes_no
 
 
 def _categories():
@@ -98,7 +98,7 @@ def add_parsers(sub) -> None:
     enum_argument(rep, "--attribution", load=_attributions, required=True)
     rep.add_argument("--serious", action="store_true")
     upd = ae.add_parser("update", help="change an AE's grade, resolution or a DLT fact (history is kept)")
-    upd.add_argument("--ae", type=int, required=True)
+    upd.add_argument("--ae", type=record_id, required=True)
     upd.add_argument("--grade", type=int)
     upd.add_argument("--reason", required=True)
     for parser_ in (rep, upd):
@@ -110,7 +110,7 @@ def add_parsers(sub) -> None:
     rep.set_defaults(func=cmd_ae_report)
     upd.set_defaults(func=cmd_ae_update)
     adj = ae.add_parser("adjudicate", help="confirm or reject a candidate DLT")
-    adj.add_argument("--ae", type=int, required=True)
+    adj.add_argument("--ae", type=record_id, required=True)
     which = adj.add_mutually_exclusive_group(required=True)
     which.add_argument("--confirm", dest="confirm", action="store_true")
     which.add_argument("--reject", dest="confirm", action="store_false")
@@ -119,9 +119,9 @@ def add_parsers(sub) -> None:
     adj.add_argument("--code", required=True, help="the one-time code sent to your own channel for this AE (nktrial ae code)")
     adj.set_defaults(func=cmd_ae_adjudicate)
     code = ae.add_parser("code", help="send a one-time code to sign an AE's DLT adjudication to the signer's own channel (never printed)")
-    code.add_argument("--ae", type=int, required=True)
+    code.add_argument("--ae", type=record_id, required=True)
     code.add_argument("--signer", help="the investigator's or PI's staff ID (default: --as or NKTRIAL_ACTOR)")
     code.set_defaults(func=cmd_ae_code)
     sae = ae.add_parser("sae-reported", help="record that the expedited SAE report was filed")
-    sae.add_argument("--ae", type=int, required=True)
+    sae.add_argument("--ae", type=record_id, required=True)
     sae.set_defaults(func=cmd_ae_sae_reported)

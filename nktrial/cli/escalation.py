@@ -6,7 +6,7 @@ inside each command: building the parser stays cheap.
 
 from __future__ import annotations
 
-from nktrial.cli.shared import actor, api_auth, deliver_now, enum_argument, table, writer
+from nktrial.cli.shared import actor, api_auth, deliver_now, enum_argument, record_id, table, writer
 from protocol.errors import UserError
 
 
@@ -110,11 +110,11 @@ def add_parsers(esc) -> None:
     st = esc.add_parser("status", help="the trial's outcome history, each patient's DLT status, reviews waiting")
     st.set_defaults(func=cmd_escalation_status)
     code = esc.add_parser("code", help="send a one-time signing code for the review waiting now to the signer's own channel (never printed)")
-    code.add_argument("--decision", type=int, required=True)
+    code.add_argument("--decision", type=record_id, required=True)
     code.add_argument("--signer", help="the signer's staff ID (default: --as or NKTRIAL_ACTOR); the code goes to their channel only")
     code.set_defaults(func=cmd_escalation_code)
     ap = esc.add_parser("approve", aliases=["sign"], help="sign the waiting decision with a one-time code")
-    ap.add_argument("--decision", type=int, required=True)
+    ap.add_argument("--decision", type=record_id, required=True)
     ap.add_argument("--signer", help="your staff ID (default: --as or NKTRIAL_ACTOR)")
     ap.add_argument("--name", help="your printed name; if given, it must match the staff register's")
     enum_argument(ap, "--action", load=_actions, leave_out=_not_signable, required=True)

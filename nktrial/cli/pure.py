@@ -104,6 +104,9 @@ def _design(args):
     return design_for(load_protocol(args))
 
 
+MAX_PATHS_SHOWN = 10_000  # more rows than any 3+3 design with a handful of levels has paths
+
+
 def _probabilities(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -140,11 +143,11 @@ def cmd_escalation_oc(args) -> None:
 
 def cmd_escalation_paths(args) -> None:
     from protocol.operating import dose_paths
+    from protocol.plausible import count_in_range, probabilities
 
     design = _design(args)
-    p = _probabilities(args.p) if args.p else None
-    if p is not None and len(p) != design.num_levels:
-        raise UserError(f"--p needs one DLT probability per dose level ({design.num_levels}), got {len(p)}")
+    count_in_range("--limit", args.limit, 1, MAX_PATHS_SHOWN)
+    p = probabilities("--p", _probabilities(args.p), design.num_levels) if args.p is not None else None
     paths = dose_paths(design)
     rows = [{"history": x.history, "mtd": x.final.mtd, "patients": sum(c.n for c in x.cohorts),
              **({"probability": x.probability(p)} if p else {})} for x in paths]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nktrial.cli.shared import engine, load_protocol, print_json
+from nktrial.cli.shared import engine, load_protocol, print_json, writable_folder
+from protocol.errors import UserError
 
 REPORTS = ["dashboard", "pk", "outcomes", "swimmer", "all"]
 
@@ -27,11 +28,16 @@ def cmd_report(args) -> None:
             from tasks.swimmer import swimmer_png
 
             target = folder if folder.suffix == ".png" else folder / "swimmer.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(swimmer_png(s, p, site_today(p, now())))
+            writable_folder("--out", target.parent)
+            png = swimmer_png(s, p, site_today(p, now()))
+            try:
+                target.write_bytes(png)
+            except OSError as exc:
+                raise UserError(f"--out {target} cannot be written ({exc.strerror})") from None
             print(target)
             return
         if args.what == "all":
+            writable_folder("--out", folder)
             rs = reports.write_all(s, p, folder, now=now())
             print(f"{len(rs.files)} files in {folder}:")
             print("\n".join(f"  {f}" for f in rs.files))

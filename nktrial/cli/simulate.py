@@ -6,9 +6,10 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from nktrial.cli.shared import load_protocol, print_json, table
+from nktrial.cli.shared import load_protocol, print_json, table, writable_folder
 from protocol.errors import UserError
 
+MAX_REPORTS_EVERY = 366  # a year of virtual days: more is the same as "only at the end"
 SHIPPED = "no-dlt, one-of-three-expansion, two-dlts-deescalation, late-infusion, withdrawal-replacement, missed-il2"
 
 
@@ -48,6 +49,8 @@ def cmd_simulate(args) -> None:
     from nktrial.server import healthy
     from tasks.settings import get_settings
 
+    if not 1 <= args.reports_every <= MAX_REPORTS_EVERY:
+        raise UserError(f"--reports-every {args.reports_every}: give a number of days from 1 to {MAX_REPORTS_EVERY}")
     scenario = load(args.scenario)
     api_auth = None
     protocol = load_protocol(args)
@@ -64,14 +67,13 @@ def cmd_simulate(args) -> None:
             raise UserError(f"scenario start {scenario.start} is not in the future: on a shared server a worker would take the "
                             "rehearsal's due runs; rehearse there with a later start, or leave --api-url out")
     out = args.out or get_settings().data_dir / "rehearsals" / f"{scenario.name}-{dt.datetime.now():%Y%m%dT%H%M%S}"
+    writable_folder("--out", Path(out))
     started = time.monotonic()
 
     def progress(line: str) -> None:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    if args.reports_every < 1:
-        raise UserError(f"--reports-every {args.reports_every}: give a number of days, 1 or more")
     res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, api_auth=api_auth,
                    temporary_server=not args.api_url, progress=progress, reports_every=args.reports_every)
     progress(f"done in {time.monotonic() - started:.0f} s" + ("" if args.api_url else " (the temporary server's start included)"))

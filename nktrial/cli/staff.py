@@ -24,9 +24,14 @@ def cmd_staff_add(args) -> None:
     print(out.message)
 
 
+MAX_REASON = 200  # as an AE update's or an adjudication's reason: the audit row keeps it whole
+
+
 def cmd_staff_deactivate(args) -> None:
+    from protocol.plausible import text_fits
     from tasks.staff import deactivate_staff
 
+    text_fits("--reason", args.reason, MAX_REASON)
     engine, p, clock = writer(args)
     out = deactivate_staff(engine, p, staff_id=args.id, reason=args.reason, actor=actor(args), clock=clock)
     print(out.message)

@@ -195,7 +195,7 @@ def test_recording_commands_write_once_and_refuse_bad_input_in_one_sentence(tmp_
     unknown = nktrial("off-study", "--subject", "S-404", "--reason", "withdrawal", "--effective-on", "2026-01-01", env=env)
     _assert_one_sentence(unknown, "subject_id S-404 is not in the trial database")
     outbox = nktrial("notify", "list", env=env)
-    assert "S-001 · enrolled" in outbox.stdout and "no_channel" in outbox.stdout
+    assert "S-001 · enrolled" in outbox.stdout and "pending" in outbox.stdout
 
 
 def test_escalation_oc_is_exact_and_paths_are_listed():
@@ -211,7 +211,10 @@ def test_escalation_oc_is_exact_and_paths_are_listed():
 
 def test_the_safety_commands_screen_adjudicate_and_refuse_a_wrong_signature(tmp_path):
     env = _staffed_database(tmp_path)
-    nktrial("enroll", str(EXAMPLE), "--day0", "2099-01-31T09:00", env=env)
+    consented = tmp_path / "screening.json"  # consent before the AE's onset: an onset before consent is refused
+    consented.write_text(EXAMPLE.read_text(encoding="utf-8").replace('"consent_on": "2027-01-10"', '"consent_on": "2026-01-01"'),
+                         encoding="utf-8")
+    nktrial("enroll", str(consented), "--day0", "2099-01-31T09:00", env=env)
     future = nktrial("ae", "report", "--subject", "S-001", "--term", "rash", "--category", "non_haematological", "--grade", "3",
                      "--onset-on", "2099-02-03", "--attribution", "possible", env=env)
     _assert_one_sentence(future, "onset_on 2099-02-03 is in the future")
