@@ -20,9 +20,12 @@ from tasks.rounds import daily_rounds as rounds
 
 
 class RoundsOptions(BaseModel):
-    """How far ahead daily rounds check the Prefect projection, and whether they refresh the reports."""
+    """How much of the Prefect projection daily rounds check (all of it by default), and whether they refresh the reports."""
 
-    reconcile_horizon_days: int = Field(default=2, ge=0, le=120, description="recreate or move runs due within this many days")
+    reconcile_horizon_days: int | None = Field(
+        default=None, ge=0, le=120,
+        description="empty: check the whole projection (every future event of every patient on study); a number: only runs due within "
+                    "this many days (a quicker, partial check)")
     reports: bool = Field(default=True, description="refresh the reports: artifacts, and files under the data folder's reports/")
 
 
@@ -51,13 +54,28 @@ def audit_task() -> str:
 
 
 @task(name="reconcile-projection")
-def reconcile_task(horizon_days: int) -> str:
-    now = current_clock()()
+def reconcile_task(horizon_days: int | None) -> tuple[str, int]:
+    """The projection check: every future event of every patient on study has exactly one live run (repaired if not);
+    runs stuck or crashed, and enrollment requests or treatment plans that never finished, flagged to the coordinators."""
+    from prefect.settings import PREFECT_UI_URL
+
+    from models.clock import wall_clock
+    from tasks.projection import notify_flagged, stuck_requests
+
+    now, wall_now = current_clock()(), wall_clock()
+    stuck_after = dt.timedelta(minutes=protocol().notifications.stuck_run_minutes.value)
+    horizon = None if horizon_days is None else now + dt.timedelta(days=horizon_days)
     with get_client(sync_client=True) as client:
-        report = project(client, trial_engine(), now=now, horizon=now + dt.timedelta(days=horizon_days))
+        report = project(client, trial_engine(), now=now, horizon=horizon, wall_now=wall_now, stuck_after=stuck_after)
+        requests = stuck_requests(client, trial_engine(), wall_now=wall_now, stuck_after=stuck_after)
+    flagged = report.flagged + requests
+    told = notify_flagged(trial_engine(), flagged, clock=current_clock(), ui_url=PREFECT_UI_URL.value())
+    logger = get_run_logger()
     for line in report.details[:50]:
-        get_run_logger().info(line)
-    return str(report)
+        logger.info(line)
+    for flag in flagged:
+        logger.warning("stuck or crashed: %s", flag.sentence)
+    return str(report) + (f"; coordinators told of {told} stuck or crashed run(s)" if told else ""), told
 
 
 @task(name="worklist")
@@ -109,7 +127,9 @@ def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     reviews, adjudications = pi_reminders_task()
     audit = audit_task()
     deliver_notices()  # also redelivers anything a down channel left in the outbox
-    projection = reconcile_task(options.reconcile_horizon_days)
+    projection, flags = reconcile_task(options.reconcile_horizon_days)
+    if flags:
+        deliver_notices()  # the coordinators hear of stuck or crashed runs at once
     reports = "reports not refreshed this time"
     if options.reports:  # a report that cannot be drawn never stops the rounds' own work
         state = reports_task(return_state=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
@@ -12,9 +13,12 @@ from flows.casebook import publish_casebook, tag_run
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
 from flows.safety import review_if_ready
 from tasks.due_events import act_on_event
-from tasks.projection import project
+from tasks.projection import notify_flagged, project
 from tasks.recording import store_patient_calendar
 from tasks.reports import schedule_table
+
+PLAN_RETRIES = 2  # a failure part-way (the Prefect API or the database busy a moment) is retried: the projection is idempotent
+PLAN_RETRY_DELAY_SECONDS = 10
 
 
 class SubjectRef(BaseModel):
@@ -54,15 +58,21 @@ def store_calendar_task(subject_id: str) -> str:
 def project_runs_task(subject_id: str) -> str:
     with get_client(sync_client=True) as client:
         report = project(client, trial_engine(), now=current_clock()(), subject_id=subject_id)
+    if report.flagged:  # a crashed run of this patient's was set back to Scheduled: the coordinators hear of it
+        notify_flagged(trial_engine(), report.flagged, clock=current_clock(), ui_url=PREFECT_UI_URL.value())
     logger = get_run_logger()
     for line in report.details:
         logger.info(line)
     return str(report)
 
 
-@flow(name="patient-treatment", flow_run_name="{subject.subject_id} · treatment plan", log_prints=False)
+@flow(name="patient-treatment", flow_run_name="{subject.subject_id} · treatment plan", log_prints=False,
+      retries=PLAN_RETRIES, retry_delay_seconds=PLAN_RETRY_DELAY_SECONDS)
 def patient_treatment(subject: SubjectRef) -> str:
-    """Compute and store the patient's calendar, then reconcile its scheduled runs (safe to re-run)."""
+    """Compute and store the patient's calendar, then reconcile its scheduled runs (safe to re-run: a retry after a
+    failure part-way finds the runs already made by their idempotency keys and makes only the rest). A run that
+    crashed (its process died) is not retried by Prefect: daily rounds and `nktrial reconcile` rebuild its runs from
+    the trial database, and set the crashed run back to Scheduled."""
     sid = subject.subject_id
     tag_run(sid)
     version = store_calendar_task(sid)

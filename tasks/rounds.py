@@ -25,7 +25,7 @@ from protocol.calendar import EventKey, EventKind
 from protocol.definition import ProtocolDefinition
 from protocol.recording import site_today
 from protocol.roles import Role
-from tasks.notices import Notice, NoticeEvent, enqueue_many
+from tasks.notices import Notice, NoticeEvent, enqueue_many, waiting
 
 VISITS = (EventKind.VISIT_1_MONTH, EventKind.VISIT_3_MONTH)
 
@@ -40,6 +40,7 @@ class RoundsReport:
     visits_closing: list[tuple[str, str]] = field(default_factory=list)
     overdue: list[tuple[str, str]] = field(default_factory=list)
     notices: int = 0
+    waiting: str = ""  # undelivered notices, how many and since when (tasks.notices.waiting); empty when none wait
 
     @property
     def digest(self) -> str:
@@ -49,6 +50,8 @@ class RoundsReport:
                 f"visits closing undone {len(self.visits_closing)}; overdue {len(self.overdue)}")
         if self.overdue:
             text += ": " + ", ".join(f"{sid} {key}" for sid, key in self.overdue[:20]) + (" …" if len(self.overdue) > 20 else "")
+        if self.waiting:
+            text += f"; {self.waiting}"
         return text
 
 
@@ -61,6 +64,8 @@ def daily_rounds(engine: sa.Engine, protocol: ProtocolDefinition, *, clock: Cloc
         report.active_patients = count_active(s)
         report.not_dosed = [sid for sid, _ in not_dosed(s).values()]
         _read_worklists(s, report)
+        if (w := waiting(s)).count:
+            report.waiting = w.sentence(u.at)
         report.notices = enqueue_many(s, _notices(report, link), at=u.at)
         u.commit()
     return report

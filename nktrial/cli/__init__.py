@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nktrial.cli import ae, audit, db, escalation, notify, pure, records, report, simulate, staff, up
-from nktrial.cli.shared import EXIT_USER_ERROR, print_error
+from nktrial.cli import ae, audit, db, escalation, notify, pure, reconcile, records, report, simulate, staff, up
+from nktrial.cli.shared import EXIT_USER_ERROR, database_problem, print_error
 from protocol.errors import UserError
 
 __all__ = ["EXIT_USER_ERROR", "build_parser", "main"]
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_parsers(sub)
     simulate.add_parsers(sub)
     up.add_parsers(sub)
+    reconcile.add_parsers(sub)
     return parser
 
 
@@ -51,4 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(exc)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a database a person can fix (no schema yet, not a database file): one sentence too
+        if type(exc).__module__.startswith("sqlalchemy") and (sentence := database_problem(exc)):
+            return print_error(UserError(sentence))
+        raise
     return 0
