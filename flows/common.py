@@ -13,7 +13,7 @@ from prefect.states import Failed
 
 from models.clock import current_clock
 from protocol.errors import UserError
-from tasks.delivery import deliver_pending, load_channels
+from tasks.delivery import ChannelConfigError, deliver_pending, require_channels
 from tasks.runtime import protocol, trial_engine
 from tasks.settings import get_settings
 
@@ -27,19 +27,25 @@ def run_link() -> str | None:
 
 @task(name="deliver-notices", retries=2, retry_delay_seconds=[1, 5])
 def _deliver(ids: list[int] | None = None) -> str:
-    report = deliver_pending(trial_engine(), load_channels(get_settings().apprise_config), clock=current_clock(), ids=ids)
-    summary = f"{report.delivered} delivered, {report.no_channel} with no channel configured, {report.pending} waiting for a channel"
-    if report.pending:
-        raise RuntimeError(f"{summary}: {'; '.join(report.errors[:3])}")
-    return summary
+    report = deliver_pending(trial_engine(), require_channels(get_settings().apprise_config), clock=current_clock(), ids=ids)
+    if report.pending:  # a channel that did not answer may answer a retry; a role with no channel will not
+        raise RuntimeError(f"{report.summary}: {'; '.join(report.errors[:3])}")
+    return report.summary
 
 
 def deliver_notices(ids: list[int] | None = None) -> None:
-    """Deliver pending notices; a channel still down after retries leaves them in the outbox, not lost."""
-    state = _deliver(ids, return_state=True)
+    """Deliver pending notices. A channel still down after retries, a role with no channel or an apprise config that
+    cannot be read leaves them in the outbox, not lost: the next pass (daily rounds, `nktrial notify deliver`) sends them."""
     logger = get_run_logger()
+    try:
+        require_channels(get_settings().apprise_config)  # checked first: retrying cannot mend a config
+    except ChannelConfigError as exc:
+        logger.warning("notices wait in the outbox: %s", exc)
+        return
+    state = _deliver(ids, return_state=True)
     if state.is_completed():
-        logger.info("notices: %s", state.result())
+        summary = state.result()
+        (logger.warning if "no channel serves" in summary else logger.info)("notices: %s", summary)
     else:
         logger.warning("notices kept in the outbox for the next delivery pass (daily rounds): %s", state.message)
 
@@ -49,11 +55,14 @@ def refuses_user_errors(fn: Callable) -> Callable:
 
     Put it under @flow, so that Prefect still reads the body's parameters for the form. The body's
     annotations are resolved in its own module, so a flow module may use postponed annotations.
+    A run of another trial database ends "Wrong trial" before the body starts (trial_engine checks it; a flow
+    without this wrapper is refused at its first trial_engine call, still before it acts).
     """
 
     @functools.wraps(fn)
     def body(*args, **kwargs):
         try:
+            trial_engine()  # a run of another trial ends here, before the body
             return fn(*args, **kwargs)
         except UserError as exc:
             get_run_logger().error(str(exc))

@@ -26,7 +26,7 @@ from protocol.dlt import DltScreen
 from protocol.three_plus_three import Action
 from tasks import adverse_events, closure, escalation_gate, signatures, signing
 from tasks.adverse_events import AeReport, AeUpdate
-from tasks.delivery import load_channels
+from tasks.delivery import ChannelConfigError, load_channels
 from tasks.review_report import review_form_fields, review_form_markdown, review_markdown
 from tasks.settings import get_settings
 from tasks.staff import StaffId
@@ -193,9 +193,13 @@ def open_review_task() -> EscalationDecision | None:
 def _send_codes(act: signing.SignedAct, what: str) -> None:
     """Each active staff member who may sign `act` and holds no live code gets their own, on their own channel.
     The log says who got one, never the code."""
-    sent, missed = signing.send_codes_to_signers(trial_engine(), protocol(), load_channels(get_settings().apprise_config), act=act,
-                                                 clock=current_clock(), link=run_link())
     logger = get_run_logger()
+    try:
+        channels = load_channels(get_settings().apprise_config)
+    except ChannelConfigError as exc:  # the review or adjudication stays open; codes can be requested once the config is fixed
+        logger.warning("no signing codes sent: %s; request one with: %s", exc, _code_command(act))
+        return
+    sent, missed = signing.send_codes_to_signers(trial_engine(), protocol(), channels, act=act, clock=current_clock(), link=run_link())
     if sent:
         logger.info("one-time signing codes for %s went to the own channels of: %s", what, ", ".join(sent))
     for sentence in missed:

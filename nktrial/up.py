@@ -1,8 +1,9 @@
 """`nktrial up`: the main job on the embedded default, in one command.
 
 Starts a local Prefect server (SQLite, under the data folder), creates the process work pool,
-deploys every flow from prefect.yaml, starts a worker, and says what to do first. Ctrl-C stops
-all of it; starting again keeps the data (trial database and Prefect database both persist).
+deploys every flow from prefect.yaml, starts a worker, and says what to do first. Ctrl-C, SIGTERM or
+SIGHUP stops all of it within seconds, also when a script started it in the background (nktrial/supervisor.py);
+starting again keeps the data (trial database and Prefect database both persist).
 
 The API and the UI ask for a basic-auth string, generated at the first start and kept in the
 data folder (nktrial/apiauth.py). The data folder is its owner's only: 0700, and everything
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from nktrial.apiauth import LOOPBACK, load_or_create, private_dir, secret_path
 from nktrial.server import healthy, prefect_exe
+from nktrial.supervisor import Supervisor
 from protocol.errors import UserError
 
 POOL = "nktrial"
@@ -72,23 +74,15 @@ def _run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -
         "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
         "NKTRIAL_DATA_DIR": str(data_dir),
+        # flow runs beat every 60 s, so the zombie-run automation `nktrial reconcile` creates can mark a run whose process died Crashed
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or "60",
     }
     server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}
     if apprise_config:
         env["NKTRIAL_APPRISE_CONFIG"] = str(apprise_config.resolve())
-    children: list[subprocess.Popen] = []
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-    def stop(*_):
-        for p in reversed(children):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in reversed(children):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    processes = Supervisor()  # the server and the worker, each in a session of its own (nktrial/supervisor.py)
+    children = processes.children
+    processes.install_handlers()  # SIGINT, SIGTERM, SIGHUP stop everything, even when started with `&` from a script
 
     try:
         if first_start:
@@ -102,27 +96,32 @@ def _run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -
         _step(f"trial database: {data_dir / 'trial.db'}")
         subprocess.run([sys.executable, "-m", "nktrial", "db", "upgrade"], env=env, check=True, cwd=ROOT)
         _step(f"starting the Prefect server on {ui} (log: {logs / 'server.log'})")
-        server_log = open(logs / "server.log", "a", encoding="utf-8")
-        children.append(subprocess.Popen([prefect_exe(), "server", "start", "--host", host, "--port", str(port)], env=server_env,
-                                         stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
+        with open(logs / "server.log", "a", encoding="utf-8") as server_log:  # the child keeps its own copy
+            processes.start([prefect_exe(), "server", "start", "--host", host, "--port", str(port)], env=server_env,
+                            stdout=server_log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + 120
         while not healthy(api):
             if children[0].poll() is not None or time.monotonic() > deadline:
                 raise UserError(f"the Prefect server did not start; see {logs / 'server.log'}")
             time.sleep(1)
         _step(f"work pool '{POOL}' (process)")
-        inspect = subprocess.run([prefect_exe(), "work-pool", "inspect", POOL], env=env, capture_output=True, cwd=ROOT)
+        inspect = subprocess.run([prefect_exe(), "work-pool", "inspect", POOL], check=False, env=env, capture_output=True, cwd=ROOT)
         if inspect.returncode != 0:
             subprocess.run([prefect_exe(), "work-pool", "create", POOL, "--type", "process"], env=env, check=True, capture_output=True, cwd=ROOT)
         _step("deploying every flow from prefect.yaml")
-        deploy = subprocess.run([prefect_exe(), "--no-prompt", "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT)
+        deploy = subprocess.run([prefect_exe(), "--no-prompt", "deploy", "--all"], check=False, env=env, capture_output=True, text=True, cwd=ROOT)
         if deploy.returncode != 0:
             (logs / "deploy.log").write_text(deploy.stdout + deploy.stderr, encoding="utf-8")
             raise UserError(f"prefect deploy failed; see {logs / 'deploy.log'}")
+        _step("reconciling every patient's scheduled runs with the trial database (a redeploy deletes none of the record)")
+        rec = subprocess.run([sys.executable, "-m", "nktrial", "reconcile"], check=False, env=env, capture_output=True, text=True, cwd=ROOT)
+        (logs / "reconcile.log").write_text(rec.stdout + rec.stderr, encoding="utf-8")
+        if rec.returncode != 0:
+            print(f"warning: reconcile did not finish (see {logs / 'reconcile.log'}); daily rounds repair the runs at 07:00", flush=True)
         _step(f"starting a worker on pool '{POOL}' (log: {logs / 'worker.log'})")
-        worker_log = open(logs / "worker.log", "a", encoding="utf-8")
-        children.append(subprocess.Popen([prefect_exe(), "worker", "start", "--pool", POOL], env=env, stdout=worker_log,
-                                         stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True))
+        with open(logs / "worker.log", "a", encoding="utf-8") as worker_log:
+            processes.start([prefect_exe(), "worker", "start", "--pool", POOL], env=env, stdout=worker_log,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
         channel = (f"notifications go to the channels in {apprise_config}" if apprise_config else
                    "no notification channel is configured: every notice is still recorded in the outbox "
                    "(set NKTRIAL_APPRISE_CONFIG to an apprise config file with role tags to send them)")
@@ -155,8 +154,9 @@ Press Ctrl-C to stop the worker and the server.
         dead = next(p for p in children if p.poll() is not None)
         raise UserError(f"{'the server' if dead is children[0] else 'the worker'} stopped unexpectedly; see the logs in {logs}")
     except KeyboardInterrupt:
-        print("\nstopping the worker and the server…", flush=True)
+        processes.signalled = processes.signalled or signal.SIGINT  # from here on a signal hurries the stop, never interrupts it
+        print(f"\n{signal.Signals(processes.signalled).name}: stopping the worker and the server…", flush=True)
         return 0
     finally:
-        stop()
-        print("stopped; the data is kept in", data_dir, flush=True)
+        took = processes.stop()
+        print(f"stopped; the data is kept in {data_dir} (stopping took {took:.1f} s)", flush=True)

@@ -11,7 +11,7 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
 
 from models.tables import NotificationOutbox, OutboxStatus
 from protocol.roles import Role
@@ -48,6 +48,8 @@ class NoticeEvent(StrEnum):
     REPLACEMENT_SLOT = "not evaluable: a replacement slot is open"
     AUDIT_BREAK = "audit trail check failed: rows changed, deleted or written out of band"
     SIGNING_LOCKED_OUT = "signing locked out after repeated wrong codes"  # the staff ID and the act; never a code
+    WRONG_TRIAL = "a run of another trial database was refused here: it did nothing"  # the two instances and the run's link
+    RUN_STUCK = "a run stuck or crashed"  # the run's label, its state, how long, and what was done (tasks.projection)
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,43 @@ def cancel_pending(session: Session, *, subject_id: str) -> int:
         row.status = OutboxStatus.CANCELLED
         session.add(row)
     return len(rows)
+
+
+def waited(since: dt.datetime, now: dt.datetime) -> str:
+    """How long a notice has waited, in words staff read: 12 min, 3 h 5 min, 2 d 4 h."""
+    minutes = max(0, int((now - since).total_seconds() // 60))
+    days, hours, mins = minutes // 1440, minutes // 60 % 24, minutes % 60
+    if days:
+        return f"{days} d {hours} h"
+    return f"{hours} h {mins} min" if hours else f"{mins} min"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Undelivered notices: how many, since when, and how many per role."""
+
+    count: int
+    oldest_at: dt.datetime | None
+    by_role: dict[str, int]
+
+    def sentence(self, now: dt.datetime) -> str:
+        if not self.count:
+            return "no notice waits in the outbox"
+        roles = ", ".join(f"{role} {n}" for role, n in sorted(self.by_role.items()))
+        return f"notices waiting {self.count}, oldest {waited(self.oldest_at, now)} ({roles})"
+
+
+def waiting(session: Session) -> Waiting:
+    """The pending notices: the digest and `nktrial notify list` show what waits and for how long."""
+    rows = session.exec(select(NotificationOutbox.role, func.count(), func.min(NotificationOutbox.created_at))
+                        .where(NotificationOutbox.status == OutboxStatus.PENDING).group_by(NotificationOutbox.role)).all()
+    oldest = [at for _, _, at in rows if at is not None]
+    return Waiting(count=sum(n for _, n, _ in rows), oldest_at=_utc(min(oldest)) if oldest else None,
+                   by_role={(r.value if isinstance(r, Role) else str(r)): n for r, n, _ in rows})
+
+
+def _utc(at: dt.datetime) -> dt.datetime:
+    """min() over a UTC column comes back without the column's type on SQLite: a naive UTC string or datetime."""
+    if isinstance(at, str):
+        at = dt.datetime.fromisoformat(at)
+    return at.replace(tzinfo=dt.UTC) if at.tzinfo is None else at.astimezone(dt.UTC)

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from models.db import make_engine
 from protocol.definition import ProtocolDefinition, load_protocol
 from tasks.settings import get_settings
+from tasks.trial_guard import check_run
 
 
 @functools.lru_cache(maxsize=8)
@@ -20,8 +21,13 @@ def _engine_for(url: str) -> sa.Engine:
 
 
 def trial_engine() -> sa.Engine:
-    """The trial database named by the settings (SQLite under the data folder by default)."""
-    return _engine_for(get_settings().trial_database_url)
+    """The trial database named by the settings (SQLite under the data folder by default).
+
+    The one place every flow gets its database: in a flow run tagged `trial:<instance>` of another trial database,
+    the run is refused here, before it acts (tasks/trial_guard.py)."""
+    engine = _engine_for(get_settings().trial_database_url)
+    check_run(engine)
+    return engine
 
 
 @functools.lru_cache(maxsize=8)

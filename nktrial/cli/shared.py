@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,14 +67,35 @@ def local_datetime(flag: str, text: str) -> dt.datetime:
         raise UserError(f"{flag} '{text}' has a UTC offset; give the site's local wall-clock time without one")
     if len(text) <= 10:  # a date alone would silently mean 00:00
         raise UserError(f"{flag} '{text}' has no time of day; give the site's local date and time, e.g. {text} 09:00")
-    return value
+    from protocol.plausible import plausible_date
+
+    return plausible_date(flag, value)
 
 
 def local_date(flag: str, text: str) -> dt.date:
     try:
-        return dt.date.fromisoformat(text)
+        value = dt.date.fromisoformat(text)
     except ValueError:
         raise UserError(f"{flag} '{text}' is not a date like 2027-01-31") from None
+    from protocol.plausible import plausible_date
+
+    return plausible_date(flag, value)
+
+
+MAX_RECORD_ID = 2**31 - 1  # the largest id either engine's integer key holds; a larger one overflows SQLite's driver
+
+
+def record_id(text: str) -> int:
+    """An argparse type for a record's id (--ae, --decision): a whole number from 1 to MAX_RECORD_ID."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a record id (a whole number)") from None
+    if not 1 <= value <= MAX_RECORD_ID:
+        raise argparse.ArgumentTypeError(f"{text} is not a record id: ids run from 1 to {MAX_RECORD_ID}")
+    return value
 
 
 def yes_no(flag: str, text: str | None) -> bool | None:
@@ -96,13 +118,36 @@ def validated(cls, data: dict, what: str):
         raise UserError(first_validation_error(exc, what)) from None
 
 
+MAX_INPUT_FILE_BYTES = 1_000_000  # a screening record is a few kB and the protocol file tens of kB; more is the wrong file
+
+
+def input_file(what: str, path: Path | str) -> Path:
+    """A regular file of a sane size, or one sentence: a device or a pipe (/dev/zero) would be read forever."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    if not p.is_file():
+        raise UserError(f"{what} {path}: is not a regular file")
+    if st.st_size > MAX_INPUT_FILE_BYTES:
+        raise UserError(f"{what} {path}: is {st.st_size} bytes; at most {MAX_INPUT_FILE_BYTES} are read")
+    try:
+        p.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path}: is not UTF-8 text") from None
+    return p
+
+
 def read_screening(path: str):
     from pydantic import ValidationError
 
     from protocol.eligibility import ScreeningRecord
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = input_file("screening file", path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UserError(f"screening file {path}: cannot be read ({exc.strerror})") from None
     try:
@@ -126,6 +171,8 @@ def load_protocol(args):
         from tasks.settings import get_settings
 
         path = get_settings().protocol_file
+    if path is not None:
+        input_file("protocol file", path)
     return load(path)
 
 
@@ -136,17 +183,60 @@ def engine():
     from models.db import make_engine
     from tasks.settings import get_settings
 
-    url = get_settings().trial_database_url
+    settings = get_settings()
+    url = settings.trial_database_url
+    if not settings.database_url and settings.data_dir.exists() and not settings.data_dir.is_dir():
+        raise UserError(f"NKTRIAL_DATA_DIR {settings.data_dir} is a file, not a folder; point it at a folder for the trial database")
     try:
-        engine = make_engine(url)
-        with engine.connect():
-            pass
+        shown = sa.engine.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:
         raise UserError(f"NKTRIAL_DATABASE_URL '{url}' is not a database URL like postgresql+psycopg://user@host/db") from None
+    try:
+        engine = make_engine(url)
+        with engine.connect() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar()
+    except (sa.exc.NoSuchModuleError, ImportError):
+        raise UserError(f"NKTRIAL_DATABASE_URL {shown}: this database kind is not supported; use postgresql+psycopg://user@host/db, "
+                        "or leave it unset for the embedded SQLite file") from None
+    except sa.exc.ArgumentError:
+        raise UserError(f"NKTRIAL_DATABASE_URL '{shown}' is not a database URL like postgresql+psycopg://user@host/db") from None
     except sa.exc.OperationalError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "no connection"
-        raise UserError(f"trial database {sa.engine.make_url(url).render_as_string(hide_password=True)} is not reachable ({reason})") from None
+        raise UserError(f"trial database {shown} is not reachable ({reason})") from None
+    except sa.exc.DatabaseError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "unreadable"
+        raise UserError(f"trial database {shown} cannot be read as a database ({reason})") from None
+    except OSError as exc:
+        raise UserError(f"trial database {shown} cannot be opened ({exc.strerror})") from None
     return engine
+
+
+def writable_folder(flag: str, folder: Path) -> Path:
+    """A folder output can be written to, created if missing; else one sentence saying why not."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {folder} cannot be created ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable")
+    return folder
+
+
+def database_problem(exc: Exception) -> str | None:
+    """One sentence for a database error a person can fix (no schema yet, not a database); None for anything else."""
+    import sqlalchemy as sa
+
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return None
+    text = str(exc.orig) if exc.orig is not None else str(exc)
+    if "no such table" in text or "UndefinedTable" in type(exc.orig).__name__ or "does not exist" in text and "relation" in text:
+        return "the trial database has no tables yet: run `nktrial db upgrade` first"
+    if "file is not a database" in text:
+        return "the trial database file is not a database: point NKTRIAL_DATABASE_URL or NKTRIAL_DATA_DIR at the trial database"
+    return None
 
 
 NAME_YOURSELF = ("say who is writing: give your staff ID before the command, e.g. `nktrial --as nurse-01 record ...`, "
@@ -176,19 +266,32 @@ def writer(args):
     """(engine, protocol, clock) for a write: the same operations as the flows, straight to the trial database."""
     from models.clock import wall_clock
     from tasks.runtime import protocol
+    from tasks.settings import get_settings
 
+    if args.protocol is None and (path := get_settings().protocol_file) is not None:
+        input_file("NKTRIAL_PROTOCOL_FILE", path)
     return engine(), protocol() if args.protocol is None else load_protocol(args), wall_clock
 
 
 def deliver_now(args) -> None:
-    """Send what the write put in the outbox; a channel that is down keeps it pending, not lost."""
-    from tasks.delivery import deliver_pending, load_channels
+    """Send what the write put in the outbox. The write is recorded whatever happens here: a channel that is down, a
+    role with no channel or an apprise config that cannot be read keeps the notices pending, not lost (a warning)."""
+    from tasks.delivery import ChannelConfigError, deliver_pending, require_channels
     from tasks.settings import get_settings
 
     engine_, _, clock = writer(args)
-    report = deliver_pending(engine_, load_channels(get_settings().apprise_config), clock=clock)
+    try:
+        channels = require_channels(get_settings().apprise_config)
+    except ChannelConfigError as exc:
+        print(f"warning: {exc}. The write is recorded; its notices wait in the outbox until `nktrial notify deliver` "
+              "runs with a working config", file=sys.stderr)
+        return
+    report = deliver_pending(engine_, channels, clock=clock)
     if report.pending:
         print(f"note: {report.pending} notice(s) wait in the outbox for a channel that did not answer; `nktrial notify deliver` retries")
+    if report.no_channel:
+        print(f"note: {report.no_channel} notice(s) wait in the outbox: no channel serves {', '.join(report.no_channel_roles)} "
+              "in the apprise config")
 
 
 @contextmanager
