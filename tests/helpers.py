@@ -56,3 +56,8 @@ def register_staff(engine, protocol=None, staff=TEST_STAFF, *, since: dt.datetim
     for staff_id, name, roles, tag in staff:
         add_staff(engine, p, staff_id=staff_id, printed_name=name, roles=roles, channel_tag=tag, actor=None if staff_id == pi_id else pi_id,
                   clock=clock, allow_bootstrap=staff_id == pi_id)
+
+
+def notice_link(body: str) -> str:
+    """The run or page link of a notice body (subject · event · … · link · notice N)."""
+    return next(part for part in body.split(" · ") if part.startswith(("http://", "https://")))

@@ -30,7 +30,7 @@ from nktrial.server import local_server
 from protocol.eligibility import ScreeningRecord
 from tasks import due_events, enrollment, recording
 from tasks.runtime import protocol, trial_engine
-from tests.helpers import register_staff
+from tests.helpers import notice_link, register_staff
 
 APPROVAL = protocol().escalation.signature_meanings.value[0]
 
@@ -182,7 +182,7 @@ def test_a_candidate_dlt_notice_opens_the_ae_page_and_its_adjudicate_form(ui_ser
         with sync_playwright() as p:
             browser = _browser(p)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(notice.rsplit(" · ", 1)[1])
+            page.goto(notice_link(notice))
             page.get_by_text("hepatic failure").first.wait_for()
             link = page.get_by_role("link", name="Adjudicate AE 1 →")
             page.screenshot(path=str(ARTIFACTS / "ae-page.png"))

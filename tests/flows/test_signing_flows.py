@@ -34,6 +34,7 @@ from tests.flows.test_escalation_gate import (
     _run_review,
     _send_code,
 )
+from tests.helpers import notice_link
 
 
 def _prefect_text(run_ids) -> str:
@@ -184,7 +185,7 @@ def _the_notice_links_to_the_ae_page_with_the_adjudicate_form(trial_db, channels
 
     (notice,) = [m.body for m in channels("pi") if "candidate DLT" in m.body]
     assert "hepatic" not in notice and "grade" not in notice
-    link = notice.rsplit(" · ", 1)[1]
+    link = notice_link(notice)
     assert "/artifacts/artifact/" in link  # one artifact (the UI's key page shows no content), updated in place
     with get_client(sync_client=True) as client:
         (page,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[UUID(link.rsplit("/", 1)[1])])))
