@@ -430,18 +430,25 @@ def ensure_zombie_automation() -> bool:
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
+    # A run waiting for a person (Paused, Suspended: the PI's signature) or for its time (Scheduled) has no process and
+    # so no heartbeats: those states are expected, or a cohort review would be marked Crashed 3 minutes after it suspends.
+    expect = {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+              "prefect.flow-run.Crashed", "prefect.flow-run.Paused", "prefect.flow-run.Suspended", "prefect.flow-run.Scheduled",
+              "prefect.flow-run.Cancelling"}
     try:
-        Automation.read(name=ZOMBIE_AUTOMATION)
-        return False
+        existing = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:  # no automation of that name
-        pass
+        existing = None
+    if existing is not None:
+        if expect <= set(existing.trigger.expect):
+            return False
+        existing.delete()  # an earlier version's automation, which crashed suspended reviews: replaced
     Automation(
         name=ZOMBIE_AUTOMATION,
         description="A flow run whose heartbeats stopped (its process died) is marked Crashed; daily rounds then reschedule it.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=ZOMBIE_AFTER,
         ),

@@ -27,7 +27,7 @@ def test_protocol_show_marks_registry_and_assumption_values():
     assert out.returncode == 0, out.stderr
     assert "NCT06641648" in out.stdout and "[R]" in out.stdout and "[A]" in out.stdout
     data = json.loads(nktrial("protocol", "show", "--json").stdout)
-    assert data["protocol"]["version"] == "1.2.0"
+    assert data["protocol"]["version"] == "1.3.0"
     assert data["site"]["timezone"] == {"value": "Asia/Shanghai", "source": "assumption", "basis": data["site"]["timezone"]["basis"]}
 
 

@@ -278,7 +278,7 @@ def test_il2_and_visit_recordings_validate_against_the_calendar(trial_db, clock,
     ok = record_visit(VisitRecord(subject_id="S-021", visit="visit_1_month", done_on=dt.date(2027, 3, 5), deviation_reason="patient unwell",
                                   recorded_by="coord-1"), return_state=True)
     assert ok.is_completed()
-    assert protocol().version == "1.2.0"
+    assert protocol().version == "1.3.0"
 
 
 def test_the_3_month_visit_window_notice_lists_what_is_due(trial_db, clock, channels):
