@@ -28,10 +28,12 @@ from prefect.flow_engine import run_flow  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings  # noqa: E402
 from prefect.states import Pending  # noqa: E402
 
+from nktrial.inprocess import in_process_runs  # noqa: E402
 from nktrial.rehearsal import rehearse  # noqa: E402
 from nktrial.scenario import load  # noqa: E402
 from nktrial.server import local_server  # noqa: E402
 from protocol.definition import load_protocol  # noqa: E402
+from tasks.prefect_api import create_run_from_deployment  # noqa: E402
 
 
 @flow(name="noop")
@@ -39,13 +41,15 @@ def noop() -> None:
     """The baseline: a deployment whose runs do nothing."""
 
 
-def baseline(n: int) -> list[float]:
+def baseline(n: int, *, in_process: bool = True) -> list[float]:
+    """The median cost of a no-op run, executed as the rehearsal executes its runs (in_process: nktrial/inprocess.py),
+    or as the engine does by default (a suspension observer thread and a new API client per run)."""
     deployment = noop.to_deployment(name="noop").apply()
     times = []
-    with get_client(sync_client=True) as client:
+    with (in_process_runs() if in_process else get_client(sync_client=True)) as client:
         for _ in range(n):
             t = time.perf_counter()
-            run = client.create_flow_run_from_deployment(deployment, state=Pending())
+            run = create_run_from_deployment(client, deployment, state=Pending())
             run_flow(noop, flow_run=run, return_type="state")
             times.append(time.perf_counter() - t)
     return times

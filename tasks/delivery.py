@@ -20,6 +20,7 @@ committed: that message may be sent again, with the same notice ID. Delivery is 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import os
 import re
@@ -77,18 +78,35 @@ class DeliveryReport:
 
 def load_channels(config: Path | None) -> list[Channel]:
     """Channels from an apprise config file (YAML or text), each with its tags. None: no channels (a signing code then
-    says its signer has none). A file that is missing, empty or has a line apprise cannot load is a ChannelConfigError."""
+    says its signer has none). A file that is missing, empty or has a line apprise cannot load is a ChannelConfigError.
+
+    The file is read every time (a fixed config is used at once); what it says is checked once per distinct text (a
+    check parses each entry with apprise, ~30 ms), and each call gets new plugin instances, so that no throttle or
+    connection state is carried from one delivery pass to the next."""
+    from apprise import Apprise
+
     if config is None:
         return []
-    by_id: dict[str, Channel] = {}
-    for server in _servers(Path(config)):
+    channels = []
+    for cid, url, tags in _channel_specs(*_read(Path(config))):
+        server = Apprise.instantiate(url, tag=set(tags))
+        if server is None:  # not expected: the URL is apprise's own rendering of an entry it loaded
+            raise ChannelConfigError(f"{SETTING} {config}: {_scheme(url)} does not load in apprise")
+        channels.append(Channel(id=cid, tags=tags, server=server))
+    return channels
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_specs(where: str, text: str) -> tuple[tuple[str, str, frozenset[str]], ...]:
+    """(channel id, URL, tags) per distinct URL of a checked config text; the same URL listed twice is one channel with
+    both tag sets (it gets a notice once)."""
+    by_id: dict[str, tuple[str, frozenset[str]]] = {}
+    for server in _servers(where, text):
         url = server.url(privacy=False)
         cid = hashlib.sha256(url.encode()).hexdigest()[:16]
-        tags = frozenset(str(t) for t in server.tags)
-        if cid in by_id:  # the same URL listed twice is one channel with both tag sets: it gets a notice once
-            tags |= by_id[cid].tags
-        by_id[cid] = Channel(id=cid, tags=tags, server=by_id[cid].server if cid in by_id else server)
-    return list(by_id.values())
+        tags = frozenset(str(t) for t in server.tags) | (by_id[cid][1] if cid in by_id else frozenset())
+        by_id[cid] = (by_id[cid][0] if cid in by_id else url, tags)
+    return tuple((cid, url, tags) for cid, (url, tags) in by_id.items())
 
 
 def require_channels(config: Path | None) -> list[Channel]:
@@ -98,10 +116,8 @@ def require_channels(config: Path | None) -> list[Channel]:
     return load_channels(config)
 
 
-def _servers(path: Path) -> list:
-    from apprise.common import ConfigFormat
-    from apprise.config.base import ConfigBase
-
+def _read(path: Path) -> tuple[str, str]:
+    """(how the file is named in an error, its text)."""
     where = f"{SETTING} {path}"
     try:
         text = path.read_text(encoding="utf-8")
@@ -111,6 +127,13 @@ def _servers(path: Path) -> list:
         raise ChannelConfigError(f"{where}: is a folder, not an apprise config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ChannelConfigError(f"{where}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    return where, text
+
+
+def _servers(where: str, text: str) -> list:
+    from apprise.common import ConfigFormat
+    from apprise.config.base import ConfigBase
+
     lines = text.splitlines()
     if not any(_meaningful(line) for line in lines):
         raise ChannelConfigError(f"{where}: the file is empty: it lists no notification URL")

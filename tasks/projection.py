@@ -45,6 +45,7 @@ from protocol.calendar import EventKind
 from protocol.reminders import ACTION_BY_KIND, reminder_label
 from protocol.roles import Role
 from tasks.notices import Notice, NoticeEvent, enqueue_many
+from tasks.prefect_api import create_run_from_deployment
 
 TREATMENT_EVENT = "treatment-event/treatment-event"
 ENROLL_PATIENT = "enroll-patient"
@@ -323,8 +324,8 @@ def project_each(
 
 
 def _create(client, deployment_id, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:
-    return client.create_flow_run_from_deployment(
-        deployment_id, parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}},
+    return create_run_from_deployment(
+        client, deployment_id, parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}},
         state=Scheduled(scheduled_time=max(spec.trigger_at, now)), name=spec.name, tags=spec.tags, idempotency_key=key,
     )
 

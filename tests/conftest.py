@@ -97,6 +97,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.deployments import ALL_FLOWS  # noqa: E402
 from models.clock import VirtualClock, use_clock  # noqa: E402
+from nktrial.inprocess import without_suspension_observer  # noqa: E402
 from nktrial.receiver import Receiver  # noqa: E402
 from tasks.runtime import trial_engine  # noqa: E402
 from tests.helpers import TEST_STAFF  # noqa: E402
@@ -109,8 +110,10 @@ ROLES = ["coordinator", "nurse", "investigator", "pi", "cell-lab", "pharmacy", "
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    # Flows run in this process and end in seconds: no crash-detection heartbeat thread, whose join costs up to 1 s a run.
-    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # Flows run in this process and end in seconds: no crash-detection heartbeat thread, whose join costs up to 1 s a run,
+    # and no suspension observer thread, whose stop costs ~200 ms a run (nktrial/inprocess.py says why neither is needed).
+    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+            without_suspension_observer():
         for f in ALL_FLOWS:
             f.to_deployment(name=f.name).apply()
         yield

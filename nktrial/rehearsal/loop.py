@@ -88,13 +88,13 @@ class Rehearsal:
     # -- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> Result:
-        from prefect import get_client
+        from nktrial.inprocess import in_process_runs
 
         started = time.monotonic()
         first_message = len(self.receiver.messages)  # a shared receiver may hold other trials' codes
         with Session(self.engine) as s:
             instance = trial_instance(s)
-        with get_client(sync_client=True) as client:  # one client for the whole rehearsal: building one costs ~20 ms
+        with in_process_runs() as client:  # one client for every run and step; no per-run suspension observer (inprocess.py)
             self.runner = PrefectRunner(client, instance=instance, clock=self.clock)
             self.staff = Staff(self.sc, self.p, self.engine, site=self.site, runner=self.runner, receiver=self.receiver,
                                first_message=first_message)

@@ -67,8 +67,10 @@ class PrefectRunner:
         """A new run of the flow's deployment, created Pending and executed now."""
         from prefect.states import Pending
 
-        run = self.client.create_flow_run_from_deployment(self.deployment_ids[flow_name], parameters=parameters, state=Pending(),
-                                                          tags=[self.tag])
+        from tasks.prefect_api import create_run_from_deployment
+
+        run = create_run_from_deployment(self.client, self.deployment_ids[flow_name], parameters=parameters, state=Pending(),
+                                         tags=[self.tag])
         return self.execute(run.id, created=run)
 
     def resume(self, run_id: str, run_input: dict) -> str:
