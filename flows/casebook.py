@@ -12,7 +12,7 @@ from flows.common import current_clock, protocol, trial_engine
 from flows.prefect_ui import artifact_key_url, artifact_url, ui_base
 from models.queries import get_subject
 from models.tables import AdverseEvent, Subject
-from tasks.casebook import casebook_key, casebook_markdown, runs_range, runs_url
+from tasks.casebook import casebook_key, casebook_markdown, runs_range, runs_url, same_record
 
 
 def casebook_link(subject_id: str, artifact_id: str | None = None) -> str | None:
@@ -52,16 +52,51 @@ def subject_of_ae(ae_id: int) -> str | None:
         return s.get(Subject, ae.subject_pk).subject_id if ae else None
 
 
+def _create(subject_id: str, markdown: str) -> str:
+    artifact_id = create_markdown_artifact(key=casebook_key(subject_id), markdown=markdown,
+                                           description=f"**{subject_id}** casebook: calendar planned and actual, administrations, AEs, "
+                                                       "labs, decisions")
+    return str(artifact_id)
+
+
 @task(name="publish-casebook")
 def _publish(subject_id: str) -> str | None:
     with Session(trial_engine()) as s:
         if get_subject(s, subject_id=subject_id) is None:
             return None
         markdown = casebook_markdown(s, protocol(), subject_id, now=current_clock()(), runs_link=patient_runs_link(s, subject_id))
-    artifact_id = create_markdown_artifact(key=casebook_key(subject_id), markdown=markdown,
-                                           description=f"**{subject_id}** casebook: calendar planned and actual, administrations, AEs, "
-                                                       "labs, decisions")
-    return str(artifact_id)
+    return _create(subject_id, markdown)
+
+
+@task(name="refresh-casebooks")
+def refresh_casebooks_task(subject_ids: list[str]) -> dict[str, str | None]:
+    """Each patient's casebook, drawn again and published as a new version only where something in it changed since
+    its latest version (the "as of" time aside): subject → the id of the version that shows it, for the worklist's
+    links. Latest versions are read in one request per 200 patients, not one each."""
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    keys = [casebook_key(sid) for sid in subject_ids]
+    latest = {}
+    with get_client(sync_client=True) as client:
+        for start in range(0, len(keys), 200):
+            chunk = keys[start:start + 200]
+            for art in client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=chunk)),
+                                                    limit=len(chunk)):
+                latest[art.key] = art
+    out: dict[str, str | None] = {}
+    changed = 0
+    with Session(trial_engine()) as s:
+        now = current_clock()()
+        for sid, key in zip(subject_ids, keys):
+            markdown = casebook_markdown(s, protocol(), sid, now=now, runs_link=patient_runs_link(s, sid))
+            prior = latest.get(key)
+            if prior is not None and isinstance(prior.data, str) and same_record(prior.data, markdown):
+                out[sid] = str(prior.latest_id)
+                continue
+            out[sid] = _create(sid, markdown)
+            changed += 1
+    get_run_logger().info("casebooks: %d changed and published, %d unchanged", changed, len(subject_ids) - changed)
+    return out
 
 
 def publish_casebook(subject_id: str | None) -> str | None:

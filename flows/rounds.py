@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from flows.casebook import casebook_link, publish_casebook
+from flows.casebook import casebook_link, refresh_casebooks_task
 from flows.common import current_clock, deliver_notices, protocol, run_link, trial_engine
 from models.queries import ACTIVE
 from models.tables import Subject
@@ -92,12 +92,17 @@ def worklist_task(casebooks: dict[str, str | None]) -> str:
 
 
 def refresh_casebooks() -> dict[str, str | None]:
-    """Each active patient's casebook, so that its DLT-window state and overdue items follow the date: subject → artifact id."""
+    """Each active patient's casebook, published again where its record changed (a write the casebook did not follow, a
+    failed refresh): subject → artifact id. A casebook that cannot be drawn never stops the rounds' own work."""
     from sqlmodel import select
 
     with Session(trial_engine()) as s:
-        ids = s.exec(select(Subject.subject_id).where(Subject.status.in_(ACTIVE)).order_by(Subject.subject_id)).all()
-    return {sid: publish_casebook(sid) for sid in ids}
+        ids = list(s.exec(select(Subject.subject_id).where(Subject.status.in_(ACTIVE)).order_by(Subject.subject_id)).all())
+    state = refresh_casebooks_task(ids, return_state=True)
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("casebooks not refreshed: %s", state.message)
+    return {}
 
 
 @task(name="refresh-reports")

@@ -31,6 +31,17 @@ from protocol.dates import to_local
 from protocol.definition import ProtocolDefinition
 
 RUNS_MARGIN = dt.timedelta(days=30)  # the runs link covers enrollment to the last event, with this much either side
+AS_OF = " · as of "  # the one part of a casebook that follows the clock rather than the record
+
+
+def same_record(a: str, b: str) -> bool:
+    """Two casebook texts that say the same about the patient: equal but for the time they were drawn ("as of")."""
+    return _without_as_of(a) == _without_as_of(b)
+
+
+def _without_as_of(markdown: str) -> str:
+    head, sep, rest = markdown.partition(AS_OF)
+    return head + (rest.partition("\n")[2] if sep else "")
 
 
 def casebook_key(subject_id: str) -> str:
@@ -79,7 +90,7 @@ def casebook_markdown(session: Session, protocol: ProtocolDefinition, subject_id
              f"**Status:** {status} · **dose level:** DL{subject.dose_level or '–'}"
              + (f", cohort {enrollment.cohort}, slot {enrollment.slot} · **enrolled** {local(enrollment.enrolled_at)}"
                 if enrollment else ""),
-             f"· times are site time, **{tz}** · as of {local(now)}", ""]
+             f"· times are site time, **{tz}**{AS_OF}{local(now)}", ""]
     if runs_link:
         lines += [f"**[All of {subject.subject_id}'s runs, done and planned, oldest first]({runs_link})**", ""]
     lines += [f"**DLT window:** {_dlt_state(rows, enrollment, given, local)}", ""]

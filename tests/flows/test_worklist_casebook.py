@@ -174,3 +174,26 @@ def test_after_a_signed_stop_the_worklist_says_trial_stopped_first_and_lists_no_
     casebook = latest("casebook-s-611").data
     assert "| stop | stop | Principal Investigator (pi-01), 2027-02-06" in casebook  # DL1's review: recommended, signed, by whom
     assert "AE" in casebook and "confirmed: CRS grade 3" in casebook  # the adjudication, with its reason
+
+
+def versions(key: str) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC)
+
+
+def test_rounds_publish_a_casebook_again_only_when_the_record_changed(trial_db, clock, channels):
+    from tasks.recording import record_infusion as record_without_a_flow  # as `nktrial record infusion` does: no casebook refresh
+
+    enroll("S-107")
+    clock.set(dt.datetime(2027, 1, 31, 0, 0, tzinfo=UTC))
+    daily_rounds(RoundsOptions(reports=False))
+    before = versions("casebook-s-107")
+    clock.set(dt.datetime(2027, 2, 1, 0, 0, tzinfo=UTC))
+    daily_rounds(RoundsOptions(reports=False))  # a new day, nothing recorded: the same casebook, no new version
+    assert [a.id for a in versions("casebook-s-107")] == [a.id for a in before]
+    assert f"/artifacts/artifact/{before[0].id})" in latest("worklist").data  # the worklist links to the version that shows it
+    record_without_a_flow(trial_db, protocol(), subject_id="S-107", infusion_number=1, dose_level=1, given_at=DAY0,
+                          cells_infused=1.0e8, product_lot="LOT-CB9", actor="nurse-7", clock=clock)
+    daily_rounds(RoundsOptions(reports=False))  # the record changed behind the casebook's back: rounds publish it
+    after = versions("casebook-s-107")
+    assert len(after) == len(before) + 1 and "LOT-CB9" in after[0].data and "LOT-CB9" not in before[0].data
