@@ -402,6 +402,11 @@ def parse_protocol(data: object, *, origin: str = "protocol file") -> ProtocolDe
         raise ProtocolFileError(first_validation_error(exc, origin)) from None
 
 
+# PyYAML's safe loader in C (libyaml) when the wheel has it: the same safe subset, ~10× faster than the pure-Python one
+# (the protocol file is read by every command and every run).
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_protocol(path: Path | str | None = None) -> ProtocolDefinition:
     """Read and validate a protocol YAML file (the shipped NCT06641648 file by default)."""
     p = Path(path) if path is not None else DEFAULT_PROTOCOL_FILE
@@ -410,7 +415,7 @@ def load_protocol(path: Path | str | None = None) -> ProtocolDefinition:
     except OSError as exc:
         raise ProtocolFileError(f"protocol file {p.name}: cannot be read ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=SAFE_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

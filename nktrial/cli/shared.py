@@ -168,9 +168,9 @@ def load_protocol(args):
 
     path = args.protocol
     if path is None:
-        from tasks.settings import get_settings
+        from tasks.settings import protocol_file_setting
 
-        path = get_settings().protocol_file
+        path = protocol_file_setting()
     if path is not None:
         input_file("protocol file", path)
     return load(path)
