@@ -48,37 +48,3 @@ def create_run_from_deployment(
             time.sleep(pause)
     return client.create_flow_run_from_deployment(deployment_id, **kwargs)
 
-
-BULK_LIMIT = 100  # Prefect 3.9's limit for one bulk create
-
-
-def run_create_body(*, parameters: dict[str, Any], state, name: str, tags: Iterable[str], idempotency_key: str) -> dict:
-    """One run to create, as the deployments API takes it."""
-    from prefect.client.schemas.actions import DeploymentFlowRunCreate
-    from prefect.states import to_state_create
-
-    return DeploymentFlowRunCreate(parameters=parameters, context={}, state=to_state_create(state), tags=list(tags), name=name,
-                                   idempotency_key=idempotency_key, labels={}).model_dump(mode="json", exclude_unset=True)
-
-
-def create_runs_in_bulk(client, deployment_id, bodies: list[dict]) -> list:
-    """Create many runs of one deployment (`run_create_body` each) with Prefect's bulk endpoint, up to 100 per request in
-    one transaction, instead of one request each; returns the runs in the same order. A key already used returns the run
-    that holds it, as the one-run endpoint does. A run the server refuses raises RuntimeError naming it."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    ids = []
-    for start in range(0, len(bodies), BULK_LIMIT):
-        chunk = bodies[start:start + BULK_LIMIT]
-        response = client.request("POST", "/deployments/{id}/create_flow_run/bulk", path_params={"id": deployment_id}, json=chunk)
-        results = response.json()["results"]
-        for body, result in zip(chunk, results, strict=True):
-            if result["status"] != "CREATED" or not result.get("flow_run_id"):
-                raise RuntimeError(f"Prefect did not create the run {body.get('name')!r}: {result.get('error') or result['status']}")
-            ids.append(result["flow_run_id"])
-    by_id = {}
-    for start in range(0, len(ids), BULK_LIMIT):
-        chunk = ids[start:start + BULK_LIMIT]
-        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=len(chunk)):
-            by_id[str(run.id)] = run
-    return [by_id[str(i)] for i in ids]

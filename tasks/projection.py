@@ -45,7 +45,7 @@ from protocol.calendar import EventKind
 from protocol.reminders import ACTION_BY_KIND, reminder_label
 from protocol.roles import Role
 from tasks.notices import Notice, NoticeEvent, enqueue_many
-from tasks.prefect_api import create_run_from_deployment, create_runs_in_bulk, run_create_body
+from tasks.prefect_api import create_run_from_deployment
 
 TREATMENT_EVENT = "treatment-event/treatment-event"
 ENROLL_PATIENT = "enroll-patient"
@@ -251,9 +251,12 @@ def reconcile(
             report.count(spec.subject_id, "moved", f"moved {keep.name} to {spec.trigger_at:%Y-%m-%d %H:%M} UTC")
         else:
             report.unchanged += 1
-    missing = [spec for key, spec in want.items() if key not in existing and (horizon is None or spec.trigger_at <= horizon)]
-    created = create_runs_in_bulk(client, deployment_id, [_body(spec, now, spec.idempotency_key) for spec in missing])
-    for spec, run in zip(missing, created, strict=True):
+    # One request a run. Prefect's bulk endpoint (100 a request) was tried: on a SQLite server it reports runs FAILED with
+    # "database is locked" whenever the server's own writers overlap its transaction, and a plan then fails and retries.
+    for key, spec in want.items():
+        if key in existing or (horizon is not None and spec.trigger_at > horizon):
+            continue
+        run = _create(client, deployment_id, spec, now, spec.idempotency_key)
         if run.state_type not in LIVE:
             # The key belongs to a run that already ended: the event needs a fresh run.
             _create(client, deployment_id, spec, now, f"{spec.idempotency_key}:{spec.trigger_at:%Y%m%dT%H%M}")
@@ -322,17 +325,9 @@ def project_each(
     return reports
 
 
-def _parameters(spec: RunSpec) -> dict:
-    return {"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}}
-
-
-def _body(spec: RunSpec, now: dt.datetime, key: str) -> dict:
-    return run_create_body(parameters=_parameters(spec), state=Scheduled(scheduled_time=max(spec.trigger_at, now)), name=spec.name,
-                           tags=spec.tags, idempotency_key=key)
-
-
 def _create(client, deployment_id, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:
-    return create_run_from_deployment(client, deployment_id, parameters=_parameters(spec),
+    return create_run_from_deployment(client, deployment_id,
+                                      parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}},
                                       state=Scheduled(scheduled_time=max(spec.trigger_at, now)), name=spec.name, tags=spec.tags,
                                       idempotency_key=key)
 
