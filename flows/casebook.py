@@ -86,9 +86,9 @@ def refresh_casebooks_task(subject_ids: list[str]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     changed = 0
     with Session(trial_engine()) as s:
-        now = current_clock()()
+        now, p = current_clock()(), protocol()
         for sid, key in zip(subject_ids, keys):
-            markdown = casebook_markdown(s, protocol(), sid, now=now, runs_link=patient_runs_link(s, sid))
+            markdown = casebook_markdown(s, p, sid, now=now, runs_link=patient_runs_link(s, sid))
             prior = latest.get(key)
             if prior is not None and isinstance(prior.data, str) and same_record(prior.data, markdown):
                 out[sid] = str(prior.latest_id)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 from prefect.client.schemas.filters import (
     DeploymentFilter,
-    DeploymentFilterId,
     DeploymentFilterName,
     FlowRunFilter,
     FlowRunFilterNextScheduledStartTime,
@@ -161,16 +160,17 @@ def wanted_runs(session: Session, subject_ids: Iterable[str] | None = None) -> d
 
 
 def existing_runs(
-    client, deployment_id, *, instance: str, subject_id: str | None = None, before: dt.datetime | None = None,
+    client, *, instance: str, subject_id: str | None = None, before: dt.datetime | None = None,
 ) -> dict[tuple[str, str], list[FlowRun]]:
     """This trial database's live (Scheduled, Late, Pending, Running) and Crashed treatment-event runs, by (subject,
-    event key): read in pages by the tag `trial:<instance>` (one subject's tag too, if given), not patient by patient."""
+    event key): read in pages by the tag `trial:<instance>` (one subject's tag too, if given), not patient by patient,
+    and by the deployment's name (its id is read only when a run must be created: `DeploymentRef`)."""
     flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(WATCHED))),
                         tags=FlowRunFilterTags(all_=[f"trial:{instance}"] + ([f"subject:{subject_id}"] if subject_id else [])))
     if before:
         flt.next_scheduled_start_time = FlowRunFilterNextScheduledStartTime(before_=before)
     runs: dict[tuple[str, str], list[FlowRun]] = defaultdict(list)
-    for run in read_pages(client, flt, DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))):
+    for run in read_pages(client, flt, DeploymentFilter(name=DeploymentFilterName(any_=[TREATMENT_EVENT.split("/")[1]]))):
         ref = (run.parameters or {}).get("event") or {}
         runs[(ref.get("subject_id"), ref.get("event_key"))].append(run)
     return runs
@@ -212,7 +212,7 @@ def _live_rank(run: FlowRun) -> int:
 
 
 def reconcile(
-    client, deployment_id, wanted: dict[str, list[RunSpec]], existing: dict[tuple[str, str], list[FlowRun]], *,
+    client, deployment: DeploymentRef, wanted: dict[str, list[RunSpec]], existing: dict[tuple[str, str], list[FlowRun]], *,
     now: dt.datetime, horizon: dt.datetime | None = None, wall_now: dt.datetime | None = None,
     stuck_after: dt.timedelta | None = None,
 ) -> ReconcileReport:
@@ -256,10 +256,10 @@ def reconcile(
     for key, spec in want.items():
         if key in existing or (horizon is not None and spec.trigger_at > horizon):
             continue
-        run = _create(client, deployment_id, spec, now, spec.idempotency_key)
+        run = _create(client, deployment, spec, now, spec.idempotency_key)
         if run.state_type not in LIVE:
             # The key belongs to a run that already ended: the event needs a fresh run.
-            _create(client, deployment_id, spec, now, f"{spec.idempotency_key}:{spec.trigger_at:%Y%m%dT%H%M}")
+            _create(client, deployment, spec, now, f"{spec.idempotency_key}:{spec.trigger_at:%Y%m%dT%H%M}")
         elif run.state_type is StateType.SCHEDULED and _moved(scheduled_at(run), spec.trigger_at, now):
             client.set_flow_run_state(run.id, Scheduled(scheduled_time=max(spec.trigger_at, now), message="event moved"), force=True)
         report.count(spec.subject_id, "created", f"created {spec.name} at {max(spec.trigger_at, now):%Y-%m-%d %H:%M} UTC")
@@ -293,9 +293,9 @@ def project(
     with Session(engine) as s:
         wanted = wanted_runs(s, None if subject_id is None else [subject_id])
         instance = trial_instance(s)
-    deployment = client.read_deployment_by_name(TREATMENT_EVENT)
-    existing = existing_runs(client, deployment.id, instance=instance, subject_id=subject_id, before=horizon)
-    report = reconcile(client, deployment.id, wanted, existing, now=now, horizon=horizon, wall_now=wall_now, stuck_after=stuck_after)
+    existing = existing_runs(client, instance=instance, subject_id=subject_id, before=horizon)
+    report = reconcile(client, DeploymentRef(client), wanted, existing, now=now, horizon=horizon, wall_now=wall_now,
+                       stuck_after=stuck_after)
     report.patients = len(wanted) if subject_id is None else 1
     return report
 
@@ -310,23 +310,37 @@ def project_each(
     with Session(engine) as s:
         wanted = wanted_runs(s, None if subject_id is None else [subject_id])
         instance = trial_instance(s)
-    deployment = client.read_deployment_by_name(TREATMENT_EVENT)
-    existing = existing_runs(client, deployment.id, instance=instance, subject_id=subject_id)
+    deployment = DeploymentRef(client)
+    existing = existing_runs(client, instance=instance, subject_id=subject_id)
     by_subject: dict[str, dict] = defaultdict(dict)
     for key, runs in existing.items():
         by_subject[key[0] or "?"][key] = runs
     subjects = sorted(set(wanted) | set(by_subject))
     reports: dict[str, ReconcileReport] = {}
     for i, sid in enumerate(subjects, 1):
-        reports[sid] = reconcile(client, deployment.id, {sid: wanted.get(sid, [])}, by_subject.get(sid, {}), now=now,
+        reports[sid] = reconcile(client, deployment, {sid: wanted.get(sid, [])}, by_subject.get(sid, {}), now=now,
                                  wall_now=wall_now, stuck_after=stuck_after)
         if progress:
             progress(i, len(subjects), sid)
     return reports
 
 
-def _create(client, deployment_id, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:
-    return create_run_from_deployment(client, deployment_id,
+class DeploymentRef:
+    """The treatment-event deployment's id, read from the server the first time a run must be created (a daily check that
+    creates nothing never asks)."""
+
+    def __init__(self, client):
+        self.client, self._id = client, None
+
+    @property
+    def id(self):
+        if self._id is None:
+            self._id = self.client.read_deployment_by_name(TREATMENT_EVENT).id
+        return self._id
+
+
+def _create(client, deployment: DeploymentRef, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:
+    return create_run_from_deployment(client, deployment.id,
                                       parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}},
                                       state=Scheduled(scheduled_time=max(spec.trigger_at, now)), name=spec.name, tags=spec.tags,
                                       idempotency_key=key)
