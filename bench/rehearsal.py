@@ -23,7 +23,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefect import flow, get_client  # noqa: E402
+from prefect import flow  # noqa: E402
 from prefect.flow_engine import run_flow  # noqa: E402
 from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings  # noqa: E402
 from prefect.states import Pending  # noqa: E402
@@ -41,12 +41,12 @@ def noop() -> None:
     """The baseline: a deployment whose runs do nothing."""
 
 
-def baseline(n: int, *, in_process: bool = True) -> list[float]:
-    """The median cost of a no-op run, executed as the rehearsal executes its runs (in_process: nktrial/inprocess.py),
-    or as the engine does by default (a suspension observer thread and a new API client per run)."""
+def baseline(n: int) -> list[float]:
+    """The cost of a no-op run, created and executed as the rehearsal creates and executes its runs
+    (tasks/prefect_api.py, nktrial/inprocess.py)."""
     deployment = noop.to_deployment(name="noop").apply()
     times = []
-    with (in_process_runs() if in_process else get_client(sync_client=True)) as client:
+    with in_process_runs() as client:
         for _ in range(n):
             t = time.perf_counter()
             run = create_run_from_deployment(client, deployment, state=Pending())

@@ -32,6 +32,8 @@ def without_suspension_observer() -> Iterator[None]:
     """Runs executed here while this is open start no suspension observer thread (see the module's text)."""
     import prefect.flow_engine as engine
 
+    if not hasattr(engine, "observe_flow_run_suspension"):  # a Prefect that renamed it: say so, rather than lose the speed quietly
+        raise RuntimeError("prefect.flow_engine.observe_flow_run_suspension is gone: update nktrial/inprocess.py for this Prefect")
     original = engine.observe_flow_run_suspension
     engine.observe_flow_run_suspension = _no_observer
     try:

@@ -80,33 +80,39 @@ def load_channels(config: Path | None) -> list[Channel]:
     """Channels from an apprise config file (YAML or text), each with its tags. None: no channels (a signing code then
     says its signer has none). A file that is missing, empty or has a line apprise cannot load is a ChannelConfigError.
 
-    The file is read every time (a fixed config is used at once); what it says is checked once per distinct text (a
-    check parses each entry with apprise, ~30 ms), and each call gets new plugin instances, so that no throttle or
+    The file is read every time (a fixed config is used at once). Its line-by-line check (apprise parses each entry,
+    ~30 ms) is done once per distinct text; the plugins are then built by one parse of the whole file on every call, so
+    that every option (an e-mail's from= and to=) and the YAML `asset:` are apprise's own, and no throttle or
     connection state is carried from one delivery pass to the next."""
-    from apprise import Apprise
-
     if config is None:
         return []
-    channels = []
-    for cid, url, tags in _channel_specs(*_read(Path(config))):
-        server = Apprise.instantiate(url, tag=set(tags))
-        if server is None:  # not expected: the URL is apprise's own rendering of an entry it loaded
-            raise ChannelConfigError(f"{SETTING} {config}: {_scheme(url)} does not load in apprise")
-        channels.append(Channel(id=cid, tags=tags, server=server))
-    return channels
+    where, text = _read(Path(config))
+    _checked(where, text)
+    by_id: dict[str, Channel] = {}
+    for server in _parsed(text):
+        url = server.url(privacy=False)
+        cid = hashlib.sha256(url.encode()).hexdigest()[:16]
+        tags = frozenset(str(t) for t in server.tags)
+        if cid in by_id:  # the same URL listed twice is one channel with both tag sets: it gets a notice once
+            tags |= by_id[cid].tags
+        by_id[cid] = Channel(id=cid, tags=tags, server=by_id[cid].server if cid in by_id else server)
+    return list(by_id.values())
 
 
 @functools.lru_cache(maxsize=16)
-def _channel_specs(where: str, text: str) -> tuple[tuple[str, str, frozenset[str]], ...]:
-    """(channel id, URL, tags) per distinct URL of a checked config text; the same URL listed twice is one channel with
-    both tag sets (it gets a notice once)."""
-    by_id: dict[str, tuple[str, frozenset[str]]] = {}
-    for server in _servers(where, text):
-        url = server.url(privacy=False)
-        cid = hashlib.sha256(url.encode()).hexdigest()[:16]
-        tags = frozenset(str(t) for t in server.tags) | (by_id[cid][1] if cid in by_id else frozenset())
-        by_id[cid] = (by_id[cid][0] if cid in by_id else url, tags)
-    return tuple((cid, url, tags) for cid, (url, tags) in by_id.items())
+def _checked(where: str, text: str) -> int:
+    """How many services a config text loads, once it passed the line-by-line check (a ChannelConfigError is not kept)."""
+    return len(_servers(where, text))
+
+
+def _parsed(text: str) -> list:
+    """New apprise plugin instances for a checked config text, from one parse of the whole text."""
+    from apprise.common import ConfigFormat
+    from apprise.config.base import ConfigBase
+
+    if ConfigBase.detect_config_format(text) is ConfigFormat.YAML:
+        return ConfigBase.config_parse_yaml(text)[0]
+    return ConfigBase.config_parse_text(text)[0]
 
 
 def require_channels(config: Path | None) -> list[Channel]:

@@ -40,7 +40,10 @@ def create_run_from_deployment(
         body = payload.model_dump(mode="json", exclude_unset=True)
         for pause in QUICK_RETRY_PAUSES:
             request = http.build_request("POST", f"/deployments/{deployment_id}/create_flow_run", json=body)
-            response = httpx.Client.send(http, request)  # the plain httpx send: no 2 s back-off on a 503
+            try:
+                response = httpx.Client.send(http, request)  # the plain httpx send: no 2 s back-off on a 503
+            except httpx.TransportError:
+                break  # a connection that broke: the client's own method, with its own retries
             if response.status_code in (200, 201):
                 return FlowRun.model_validate(response.json())
             if response.status_code != 503:

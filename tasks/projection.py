@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
+    FlowFilter,
+    FlowFilterName,
     FlowRunFilter,
     FlowRunFilterNextScheduledStartTime,
     FlowRunFilterState,
@@ -170,7 +172,9 @@ def existing_runs(
     if before:
         flt.next_scheduled_start_time = FlowRunFilterNextScheduledStartTime(before_=before)
     runs: dict[tuple[str, str], list[FlowRun]] = defaultdict(list)
-    for run in read_pages(client, flt, DeploymentFilter(name=DeploymentFilterName(any_=[TREATMENT_EVENT.split("/")[1]]))):
+    flow_name, deployment_name = TREATMENT_EVENT.split("/")
+    for run in read_pages(client, flt, DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name])),
+                          FlowFilter(name=FlowFilterName(any_=[flow_name]))):
         ref = (run.parameters or {}).get("event") or {}
         runs[(ref.get("subject_id"), ref.get("event_key"))].append(run)
     return runs
@@ -179,12 +183,13 @@ def existing_runs(
 scheduled_runs = existing_runs  # the name it had when it read Scheduled runs only
 
 
-def read_pages(client, flow_run_filter: FlowRunFilter, deployment_filter: DeploymentFilter) -> list[FlowRun]:
+def read_pages(client, flow_run_filter: FlowRunFilter, deployment_filter: DeploymentFilter,
+               flow_filter: FlowFilter | None = None) -> list[FlowRun]:
     """Every run the filters match, PAGE at a time (sorted by id, so that a page boundary never skips or repeats one)."""
     out: list[FlowRun] = []
     offset = 0
     while True:
-        page = client.read_flow_runs(flow_run_filter=flow_run_filter, deployment_filter=deployment_filter,
+        page = client.read_flow_runs(flow_run_filter=flow_run_filter, deployment_filter=deployment_filter, flow_filter=flow_filter,
                                      sort=FlowRunSort.ID_DESC, limit=PAGE, offset=offset)
         out.extend(page)
         if len(page) < PAGE:
@@ -311,6 +316,7 @@ def project_each(
         wanted = wanted_runs(s, None if subject_id is None else [subject_id])
         instance = trial_instance(s)
     deployment = DeploymentRef(client)
+    deployment.id  # noqa: B018 - read now: a missing deployment is said before any patient is checked
     existing = existing_runs(client, instance=instance, subject_id=subject_id)
     by_subject: dict[str, dict] = defaultdict(dict)
     for key, runs in existing.items():

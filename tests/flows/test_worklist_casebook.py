@@ -197,3 +197,25 @@ def test_rounds_publish_a_casebook_again_only_when_the_record_changed(trial_db, 
     daily_rounds(RoundsOptions(reports=False))  # the record changed behind the casebook's back: rounds publish it
     after = versions("casebook-s-107")
     assert len(after) == len(before) + 1 and "LOT-CB9" in after[0].data and "LOT-CB9" not in before[0].data
+
+
+def test_one_casebook_that_cannot_be_drawn_never_stops_the_others_nor_the_worklist(trial_db, clock, channels, monkeypatch):
+    import flows.casebook as casebook
+
+    enroll("S-108")
+    enroll("S-109")
+    clock.set(dt.datetime(2027, 1, 31, 0, 0, tzinfo=UTC))
+    drawn = casebook.casebook_markdown
+
+    def broken_for_s108(session, protocol, subject_id, **kw):  # a fault injected into one patient's drawing only
+        if subject_id == "S-108":
+            raise RuntimeError("casebook drawing failed")
+        return drawn(session, protocol, subject_id, **kw) + "\nredrawn by these rounds\n"
+
+    monkeypatch.setattr(casebook, "casebook_markdown", broken_for_s108)
+    summary = daily_rounds(RoundsOptions(reports=False))
+    assert "worklist not refreshed" not in summary
+    s109 = latest("casebook-s-109")
+    assert "redrawn by these rounds" in s109.data  # the patient after the broken one was still published
+    assert "redrawn by these rounds" not in latest("casebook-s-108").data
+    assert f"/artifacts/artifact/{s109.id})" in latest("worklist").data
