@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 NKTRIAL_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 export NKTRIAL_TEST_POSTGRES_URL
 
-.PHONY: up demo test install clean
+.PHONY: up up-ha demo test install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ install: $(BIN)/.installed
 ## make up: set up, then run the main job: local Prefect server (SQLite), deployments, worker. Ctrl-C stops.
 up: $(BIN)/.installed
 	$(BIN)/nktrial up
+
+## make up-ha: the same, scaled out: PostgreSQL and Redis of this machine (or the site's, by URL: README, Scaled out),
+## two API replicas behind HAProxy, Prefect's services, two workers. Installs the ha extra, and haproxy when run as root.
+up-ha: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[ha]'
+	@command -v haproxy >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1 \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+	$(BIN)/nktrial up --ha
 
 ## make demo: the pure parts on the command line, no server needed
 demo: $(BIN)/.installed

@@ -110,19 +110,22 @@ def reports_task() -> str:
     """Swimmer plot, dashboard, PK, 3-month outcomes as artifacts; those and the exports as files."""
     import base64
 
-    from tasks.reports import write_all
+    from tasks.reports import build, write_all
     from tasks.settings import get_settings
 
-    folder = get_settings().data_dir.resolve() / "reports"
+    folder = get_settings().report_folder  # a folder every node sees, or none: never one worker's own disk
     with Session(trial_engine()) as s:
-        rs = write_all(s, protocol(), folder, now=current_clock()())
+        rs = write_all(s, protocol(), folder, now=current_clock()()) if folder else build(s, protocol(), now=current_clock()())
     png = base64.b64encode(rs.swimmer_png).decode()
     create_markdown_artifact(key="swimmer-plot", markdown=f"# Swimmer plot\n\n![swimmer plot](data:image/png;base64,{png})",
                              description="Patients by dose level on protocol days (also reports/swimmer.png in the data folder)")
     create_markdown_artifact(key="trial-dashboard", markdown=rs.dashboard, description="Cohort and trial dashboard")
     create_markdown_artifact(key="pk-summary", markdown=rs.pk, description="Donor NK cell Cmax and Tmax")
     create_markdown_artifact(key="outcomes-3-month", markdown=rs.outcomes, description="3-month MRD-negative and CR rates by dose level")
-    return f"{len(rs.files)} report files written"
+    if folder is None:
+        return ("reports published as artifacts; no report files written (the trial database is shared: set NKTRIAL_REPORTS_DIR "
+                "to a folder every node sees for the files and exports, or run nktrial report)")
+    return f"{len(rs.files)} report files written to {folder}"
 
 
 @flow(name="daily-rounds", flow_run_name="daily rounds")

@@ -19,10 +19,10 @@ import urllib.request
 from pathlib import Path
 
 from protocol.errors import UserError
+from tasks.settings import LOOPBACK
 
 AUTH_FILE = "prefect-api-auth"
 AUTH_USER = "nktrial"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def secret_path(data_dir: Path) -> Path:

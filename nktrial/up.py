@@ -104,10 +104,11 @@ def _run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -
             if children[0].poll() is not None or time.monotonic() > deadline:
                 raise UserError(f"the Prefect server did not start; see {logs / 'server.log'}")
             time.sleep(1)
-        _step(f"work pool '{POOL}' (process)")
-        inspect = subprocess.run([prefect_exe(), "work-pool", "inspect", POOL], check=False, env=env, capture_output=True, cwd=ROOT)
-        if inspect.returncode != 0:
-            subprocess.run([prefect_exe(), "work-pool", "create", POOL, "--type", "process"], env=env, check=True, capture_output=True, cwd=ROOT)
+        _step(f"work pool '{POOL}' (process; its job template carries the trial's settings to every flow run)")
+        pool = subprocess.run([sys.executable, "-m", "nktrial.workpool", POOL], check=False, env=env, capture_output=True, text=True, cwd=ROOT)
+        if pool.returncode != 0:
+            (logs / "workpool.log").write_text(pool.stdout + pool.stderr, encoding="utf-8")
+            raise UserError(f"the work pool could not be set up; see {logs / 'workpool.log'}")
         _step("deploying every flow from prefect.yaml")
         deploy = subprocess.run([prefect_exe(), "--no-prompt", "deploy", "--all"], check=False, env=env, capture_output=True, text=True, cwd=ROOT)
         if deploy.returncode != 0:

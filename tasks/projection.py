@@ -440,8 +440,16 @@ def notify_flagged(engine, flagged: list[StuckRun], *, clock: Clock, ui_url: str
 # automation below, as Prefect's documentation gives it ("detect zombie flows"), marks a run Crashed when its heartbeats
 # stop. The projection check then sets a crashed treatment-event or treatment plan back to Scheduled and tells the
 # coordinators, and reports a crashed enrollment request.
-HEARTBEAT_SECONDS = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY for the worker
-ZOMBIE_AFTER = dt.timedelta(seconds=3 * HEARTBEAT_SECONDS)  # three heartbeats missed
+HEARTBEAT_SECONDS = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY `nktrial up` gives its workers unless set otherwise
+
+
+def zombie_after() -> dt.timedelta:
+    """Three heartbeats missed, at the heartbeat frequency in force (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else 60 s)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    return dt.timedelta(seconds=3 * (PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() or HEARTBEAT_SECONDS))
+
+
 ZOMBIE_AUTOMATION = "nktrial: crash zombie flow runs"
 
 
@@ -463,9 +471,9 @@ def ensure_zombie_automation() -> bool:
     except ValueError:  # no automation of that name
         existing = None
     if existing is not None:
-        if expect <= set(existing.trigger.expect):
+        if expect <= set(existing.trigger.expect) and existing.trigger.within == zombie_after():
             return False
-        existing.delete()  # an earlier version's automation, which crashed suspended reviews: replaced
+        existing.delete()  # an earlier version's (which crashed suspended reviews), or another heartbeat frequency's: replaced
     Automation(
         name=ZOMBIE_AUTOMATION,
         description="A flow run whose heartbeats stopped (its process died) is marked Crashed; daily rounds then reschedule it.",
@@ -473,7 +481,7 @@ def ensure_zombie_automation() -> bool:
             after={"prefect.flow-run.heartbeat"},
             expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=ZOMBIE_AFTER,
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=zombie_after(),
         ),
         actions=[ChangeFlowRunState(state=StateType.CRASHED, message="marked Crashed: its heartbeats stopped (zombie run)")],
     ).create()

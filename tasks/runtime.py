@@ -6,12 +6,15 @@ Nothing here connects at import time; the first caller builds, later callers reu
 from __future__ import annotations
 
 import functools
+import sys
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
 from models.db import make_engine
 from protocol.definition import ProtocolDefinition, load_protocol
-from tasks.settings import get_settings
+from protocol.errors import UserError
+from tasks.settings import LOOPBACK, get_settings
 from tasks.trial_guard import check_run
 
 
@@ -25,9 +28,37 @@ def trial_engine() -> sa.Engine:
 
     The one place every flow gets its database: in a flow run tagged `trial:<instance>` of another trial database,
     the run is refused here, before it acts (tasks/trial_guard.py)."""
-    engine = _engine_for(get_settings().trial_database_url)
+    settings = get_settings()
+    if settings.embedded_database:
+        check_embedded_here()
+    engine = _engine_for(settings.trial_database_url)
     check_run(engine)
     return engine
+
+
+class SplitRecordRefused(UserError):
+    """A flow run would write to a SQLite file on its worker while its Prefect server is on another machine."""
+
+
+def check_embedded_here() -> None:
+    """In a flow run whose Prefect API is not on this machine: refuse the embedded SQLite trial database.
+
+    The worker would write the clinical record to a file of its own, apart from every other node's: the system of
+    record split, silently. The work pool's job template carries NKTRIAL_DATABASE_URL (nktrial/workpool.py), so this
+    happens only on a worker whose pool was set up by hand, or a run started with job variables that drop it."""
+    context = sys.modules.get("prefect.context")  # a command that never imported Prefect runs no flow
+    if context is None or context.FlowRunContext.get() is None:
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value() or ""
+    host = urlsplit(api).hostname
+    if host is None or host.lower() in LOOPBACK:
+        return
+    raise SplitRecordRefused(
+        f"NKTRIAL_DATABASE_URL is not set for this flow run and its Prefect API ({host}) is on another machine: it would "
+        "write to a SQLite file on this worker and split the trial's record, so it did nothing; set NKTRIAL_DATABASE_URL "
+        "in the work pool's job template (nktrial up does) or in the worker's environment.")
 
 
 @functools.lru_cache(maxsize=8)

@@ -9,6 +9,8 @@ import functools
 import os
 from pathlib import Path
 
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}  # host names of this machine in an API URL
+
 
 @functools.cache
 def settings_class():
@@ -26,14 +28,29 @@ def settings_class():
                                                                          "database_url is then the application role's")
         protocol_file: Path | None = Field(default=None, description="protocol YAML; the shipped NCT06641648 file when unset")
         apprise_config: Path | None = Field(default=None, description="apprise config file; each URL tagged with the roles it serves")
+        reports_dir: Path | None = Field(default=None, description="folder daily rounds write report files and exports to; every "
+                                         "node must see it (a shared mount when scaled out). Unset: <data_dir>/reports with the "
+                                         "embedded database; with a shared database, none (the reports are artifacts)")
         actor: str | None = Field(default=None, description="staff ID the CLI writes as (or --as); no default: every write names its actor")
         delivery_lease_seconds: int = Field(default=300, ge=1, le=86_400, description="assumption: how long a delivery pass holds the notices "
                                             "it claimed; a pass that died is taken over after it (a batch of 10 sends well within it)")
 
-        @field_validator("database_url", "database_owner_url", "protocol_file", "apprise_config", "actor", mode="before")
+        @field_validator("database_url", "database_owner_url", "protocol_file", "apprise_config", "actor", "reports_dir", mode="before")
         @classmethod
         def _empty_is_unset(cls, v):
             return None if isinstance(v, str) and not v.strip() else v
+
+        @property
+        def embedded_database(self) -> bool:
+            """The trial database is the SQLite file under data_dir (nothing named another)."""
+            return not self.database_url
+
+        @property
+        def report_folder(self) -> Path | None:
+            """Where report files go: reports_dir, else <data_dir>/reports beside an embedded database, else nowhere."""
+            if self.reports_dir is not None:
+                return self.reports_dir.resolve()
+            return (self.data_dir / "reports").resolve() if self.embedded_database else None
 
         @property
         def trial_database_url(self) -> str:
