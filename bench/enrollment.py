@@ -4,6 +4,7 @@ Runs against a real local Prefect server (the test harness's, SQLite) and a scra
 database. Prints medians and ratios measured in the same run. Not a test: nothing here asserts.
 
     .venv/bin/python bench/enrollment.py [--patients 1,50] [--rounds 1000,10000] [--repeat 5]
+    .venv/bin/python bench/enrollment.py --ha [--ha-requests 6]   (enrollments per minute: one node, scaled out; bench/ha.py)
 """
 
 from __future__ import annotations
@@ -153,7 +154,16 @@ def main() -> None:
     ap.add_argument("--patients", default="1,50")
     ap.add_argument("--rounds", default="1000,10000")
     ap.add_argument("--repeat", type=int, default=5, help="repeats of the 1-patient case")
+    ap.add_argument("--ha", action="store_true", help="enrollments per minute through real workers: one node against nktrial up --ha "
+                                                      "with 1 and 2 workers (bench/ha.py; needs PostgreSQL, Redis, haproxy)")
+    ap.add_argument("--ha-requests", type=int, default=6)
+    ap.add_argument("--postgres-url", default=os.environ.get("NKTRIAL_TEST_POSTGRES_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args()
+    if args.ha:
+        from bench import ha
+
+        ha.main(args.ha_requests, args.postgres_url)
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         # Flows run in this process, as in the tests and the rehearsal: no heartbeat thread (its join at the end of every

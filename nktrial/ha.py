@@ -295,3 +295,40 @@ def _wait(ok, child: Child, timeout_s: float, what: str) -> None:
         if child.proc.poll() is not None or time.monotonic() > deadline:
             raise UserError(f"{what} did not start; see {child.log}")
         time.sleep(0.5)
+
+
+class UpInBackground:
+    """`nktrial up` (with `--ha` or not) started as a process of its own, for a test or a benchmark: waited for until its
+    summary is printed, and stopped as an operator would stop it (SIGINT)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.args, self.env, self.log = args, env, log
+        self.proc: subprocess.Popen | None = None
+
+    def text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.exists() else ""
+
+    def start(self, *, ready: str, timeout_s: float = 300) -> str:
+        """Start, and wait until a line of the output starts with `ready`; that line."""
+        with open(self.log, "w", encoding="utf-8") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "nktrial", "up", *self.args], env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = next((ln.strip() for ln in self.text().splitlines() if ln.strip().startswith(ready)), None)
+            if line:
+                return line
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nktrial up {' '.join(self.args)} did not come up: {self.text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> float:
+        began = time.monotonic()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return time.monotonic() - began

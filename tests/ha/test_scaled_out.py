@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nktrial.ha import UpInBackground
 from nktrial.receiver import Receiver
 from nktrial.server import free_port
 from nktrial.supervisor import tree
@@ -104,39 +105,23 @@ class Stack:
             "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
-        self.log = tmp / "up.log"
-        self.proc: subprocess.Popen | None = None
+        self.up = UpInBackground(["--ha", "--port", str(self.port), "--workers", "2", "--redis-url", f"redis://127.0.0.1:6379/{REDIS_DB}"],
+                                 self.env, tmp / "up.log")
         self.pids: dict[str, int] = {}
 
     def start(self) -> None:
         for name in self.databases:
             _psql(self.admin, f'CREATE DATABASE "{name}"')
         _flush_redis()
-        with open(self.log, "w", encoding="utf-8") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "nktrial", "up", "--ha", "--port", str(self.port), "--workers", "2",
-                                          "--redis-url", f"redis://127.0.0.1:6379/{REDIS_DB}"],
-                                         env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        deadline = time.monotonic() + 300
-        while "pids " not in self.text():
-            assert self.proc.poll() is None, f"nktrial up --ha stopped: {self.text()[-3000:]}"
-            assert time.monotonic() < deadline, f"nktrial up --ha did not come up in 300 s: {self.text()[-3000:]}"
-            time.sleep(1)
-        line = next(ln for ln in self.text().splitlines() if ln.strip().startswith("pids "))
+        line = self.up.start(ready="pids ")
         self.pids = {m[0]: int(m[1]) for m in re.findall(r"([A-Za-z][A-Za-z ]*?\d?) (\d+)(?:,|$)", line.split("pids", 1)[1].strip())}
         self.env.update(PREFECT_API_URL=self.api, PREFECT_API_AUTH_STRING=(self.data / "prefect-api-auth").read_text().strip())
 
     def text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace")
+        return self.up.text()
 
     def stop(self) -> float:
-        began = time.monotonic()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        took = time.monotonic() - began
+        took = self.up.stop()
         self.receiver.stop()
         for name in self.databases:
             _psql(self.admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
