@@ -23,8 +23,11 @@ up: $(BIN)/.installed
 
 ## make up-ha: the same, scaled out: PostgreSQL and Redis of this machine (or the site's, by URL: README, Scaled out),
 ## two API replicas behind HAProxy, Prefect's services, two workers. Installs the ha extra, and haproxy when run as root.
-up-ha: $(BIN)/.installed
+$(BIN)/.installed-ha: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[ha]'
+	touch $@
+
+up-ha: $(BIN)/.installed-ha
 	@command -v haproxy >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null 2>&1 \
 	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
 	$(BIN)/nktrial up --ha

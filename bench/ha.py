@@ -3,8 +3,8 @@ stack (`nktrial up --ha`: PostgreSQL, Redis, two API replicas behind HAProxy) wi
 
 Each configuration starts from nothing (scratch data folder, new PostgreSQL databases, Redis database 14 emptied),
 registers the test staff, submits N enroll-patient requests at once through the API, as coordinators would from the
-form, and times until every request has ended. Prefect's defaults are kept (workers look for runs every 15 s;
-enroll-patient runs one at a time, a waiting request tries again when its concurrency slot frees). Not a test:
+form, and times until every request has ended, with nktrial up's settings (workers look for runs every 5 s;
+enroll-patient runs one at a time, a queued request tries again 5 s later). Not a test:
 nothing here asserts. Called by `bench/enrollment.py --ha`.
 """
 
@@ -105,7 +105,7 @@ def one_config(label: str, *, ha: bool, workers: int, n: int, admin: str, tmp: P
 
 
 def main(n: int, admin: str) -> None:
-    print(f"enrollments per minute: {n} enroll-patient requests submitted at once, real workers (Prefect defaults)", flush=True)
+    print(f"enrollments per minute: {n} enroll-patient requests submitted at once, real workers (nktrial up's settings)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         rows = [one_config("single node", ha=False, workers=1, n=n, admin=admin, tmp=Path(d))]
         for workers in (1, 2):

@@ -31,15 +31,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nktrial.apiauth import load_or_create, private_dir, secret_path
+from nktrial.apiauth import LOOPBACK, load_or_create, private_dir, secret_path
 from nktrial.server import free_port, healthy, prefect_exe
 from nktrial.supervisor import Supervisor
 from nktrial.up import POOL, ROOT, _step, tighten
 from protocol.errors import UserError
 
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy.cfg"
-RESTART_AFTER_S = 2.0  # a process that died is started again after this pause
-MAX_RESTARTS = 5  # per process in RESTART_WINDOW_S: more means something is wrong that a restart will not fix
+RESTART_AFTER_S = 2.0  # a process that died is started again after this pause, doubled for each death in the last
+RESTART_MAX_S = 60.0  # RESTART_WINDOW_S up to this (a database fail-over can take a minute): never given up on
 RESTART_WINDOW_S = 600.0
 REDIS_SETTINGS = {  # prefect-redis: one Redis database serves all of them (DESIGN.md, tried on this machine kind)
     "PREFECT_SERVER_EVENTS_MESSAGING_BROKER": "prefect_redis.messaging",
@@ -70,6 +70,7 @@ class Child:
     log: Path
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
+    start_at: float | None = None  # dead, to be started again at this time (monotonic)
 
 
 def _database_url(base: str, name: str, driver: str) -> str:
@@ -104,7 +105,7 @@ def check_redis(url: str) -> None:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=3).ping()
     except (redis.RedisError, ValueError) as exc:
-        raise UserError(f"--redis-url {url}: {exc}") from None
+        raise UserError(f"--redis-url {_shown(url)}: {exc}") from None
 
 
 def ready(api: str) -> bool:
@@ -130,29 +131,35 @@ class HaSupervisor(Supervisor):
         self.named: list[Child] = []
 
     def launch(self, child: Child) -> Child:
+        old = child.proc
         with open(child.log, "a", encoding="utf-8") as log:
             child.proc = self.start(child.args, env=child.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if old is not None:  # in the dead one's place, so that stopping keeps its order (workers before the servers)
+            self.children.remove(child.proc)
+            self.children[self.children.index(old)] = child.proc
         if child not in self.named:
             self.named.append(child)
         return child
 
     def watch_once(self) -> None:
-        """Start again every child that has died; a child dying too often ends `nktrial up`."""
+        """Start again every child that has died, after a pause that grows while it keeps dying (never given up on:
+        the rest of the stack goes on serving meanwhile)."""
+        now = time.monotonic()
         for child in self.named:
-            code = child.proc.poll()
-            if code is None:
-                continue
-            now = time.monotonic()
-            child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
-            if len(child.restarts) > MAX_RESTARTS:
-                raise UserError(f"{child.name} stopped {MAX_RESTARTS + 1} times in {RESTART_WINDOW_S / 60:.0f} minutes; "
-                                f"see {child.log}")
-            print(f"! {child.name} stopped (exit {code}); starting it again in {RESTART_AFTER_S:.0f} s", flush=True)
-            self.children.remove(child.proc)
-            self._stop_one(child.proc)  # whatever it left (a worker's flow runs) goes with it
-            time.sleep(RESTART_AFTER_S)
-            self.launch(child)
-            print(f"• {child.name} started again (pid {child.proc.pid})", flush=True)
+            if child.start_at is None:
+                code = child.proc.poll()
+                if code is None:
+                    continue
+                self._stop_one(child.proc)  # whatever it left (a dead worker's flow runs) goes with it, first
+                child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+                pause = min(RESTART_MAX_S, RESTART_AFTER_S * 2 ** (len(child.restarts) - 1))
+                child.start_at = time.monotonic() + pause
+                often = f" ({len(child.restarts)} times in {RESTART_WINDOW_S / 60:.0f} min: see {child.log})" if len(child.restarts) > 2 else ""
+                print(f"! {child.name} stopped (exit {code}){often}; starting it again in {pause:.0f} s", flush=True)
+            elif now >= child.start_at and not self.signalled:
+                child.start_at = None
+                self.launch(child)
+                print(f"• {child.name} started again (pid {child.proc.pid})", flush=True)
 
 
 def run_ha(cfg: HaConfig, *, data_dir: Path, apprise_config: Path | None) -> int:
@@ -177,6 +184,11 @@ def _run_ha(cfg: HaConfig, *, data_dir: Path, apprise_config: Path | None) -> in
         raise UserError("haproxy is not installed: it balances the API replicas (Debian: apt-get install haproxy; "
                         "make up-ha installs it when run as root)")
     check_redis(cfg.redis_url)
+    if cfg.trial_database_url and not cfg.trial_database_url.startswith("postgresql"):
+        raise UserError("NKTRIAL_DATABASE_URL must name a PostgreSQL database with --ha: every node writes the one trial record")
+    if not (cfg.prefect_database_url and cfg.trial_database_url) and _has_password(cfg.postgres_url):
+        raise UserError("--postgres-url carries a password: name the two databases instead (NKTRIAL_HA_PREFECT_DATABASE_URL and "
+                        "NKTRIAL_DATABASE_URL, each with its own role), so that the creating role's password reaches no flow run")
     prefect_db = cfg.prefect_database_url or _database_url(cfg.postgres_url, "nktrial_prefect", "asyncpg")
     trial_db = cfg.trial_database_url or _database_url(cfg.postgres_url, "nktrial_trial", "psycopg")
     created = [url for url, given in ((prefect_db, cfg.prefect_database_url), (trial_db, cfg.trial_database_url))
@@ -196,6 +208,11 @@ def _run_ha(cfg: HaConfig, *, data_dir: Path, apprise_config: Path | None) -> in
         "PREFECT_UI_URL": os.environ.get("PREFECT_UI_URL") or ui,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or "60",
+        # a form submitted is picked up within 5 s, and a referral queued behind another (enroll-patient runs one at a
+        # time) tries again 5 s later (Prefect's defaults: 15 s and 30 s)
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS") or "5",
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS":
+            os.environ.get("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS") or "5",
         "NKTRIAL_DATA_DIR": str(data_dir),
         "NKTRIAL_DATABASE_URL": trial_db,
         # reports and exports in one folder every worker sees (on several nodes: a shared mount)
@@ -217,6 +234,9 @@ def _run_ha(cfg: HaConfig, *, data_dir: Path, apprise_config: Path | None) -> in
     try:
         _step(f"API authentication: the basic-auth string in {secret_path(data_dir)}"
               + (" (new; the UI asks for it once per browser)" if first_start else ""))
+        if cfg.host not in LOOPBACK:
+            _step(f"listening on {cfg.host}: other machines reach the API over plain http; "
+                  "put it behind the site's TLS reverse proxy (README, Security)")
         for url in created:
             _step(f"created the database {url.rsplit('/', 1)[-1]} on PostgreSQL")
         _step("trial database: PostgreSQL (nktrial db upgrade)")
@@ -258,7 +278,7 @@ NCT06641648 orchestrator is up, scaled out: {cfg.replicas} API replicas behind H
 
   Prefect UI   {ui}  (asks for the string in {secret_path(data_dir)})
   CLI          export PREFECT_API_URL={api} NKTRIAL_DATABASE_URL='{_shown(trial_db)}'
-  databases    Prefect and the trial on PostgreSQL; events and leases on Redis {cfg.redis_url}
+  databases    Prefect and the trial on PostgreSQL; events and leases on Redis {_shown(cfg.redis_url)}
   reports      {env['NKTRIAL_REPORTS_DIR']}
   pids         {', '.join(f'{c.name} {c.proc.pid}' for c in procs.named)}
 
@@ -277,9 +297,20 @@ A process that stops is started again within seconds. Press Ctrl-C to stop every
 
 
 def _shown(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    """A database or Redis URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
 
-    return make_url(url).render_as_string(hide_password=True)
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return bool(urlsplit(url).password)
 
 
 def _checked(args: list[str], env: dict[str, str], log: Path, what: str) -> None:

@@ -76,6 +76,11 @@ def _run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -
         "NKTRIAL_DATA_DIR": str(data_dir),
         # flow runs beat every 60 s, so the zombie-run automation `nktrial reconcile` creates can mark a run whose process died Crashed
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or "60",
+        # a form submitted is picked up within 5 s, and a referral queued behind another (enroll-patient runs one at a
+        # time) tries again 5 s later (Prefect's defaults: 15 s and 30 s)
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS") or "5",
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS":
+            os.environ.get("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS") or "5",
     }
     server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}
     if apprise_config:

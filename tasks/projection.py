@@ -443,11 +443,14 @@ def notify_flagged(engine, flagged: list[StuckRun], *, clock: Clock, ui_url: str
 HEARTBEAT_SECONDS = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY `nktrial up` gives its workers unless set otherwise
 
 
-def zombie_after() -> dt.timedelta:
-    """Three heartbeats missed, at the heartbeat frequency in force (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, else 60 s)."""
+def zombie_after() -> dt.timedelta | None:
+    """Three heartbeats missed, at the heartbeat frequency set here (PREFECT_FLOWS_HEARTBEAT_FREQUENCY; `nktrial up`
+    sets it for its workers and its reconcile); None where it is not set (a coordinator's shell): then an automation
+    already made is kept as it is, never remade for another frequency (a remade one forgets runs already silent)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    return dt.timedelta(seconds=3 * (PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() or HEARTBEAT_SECONDS))
+    seconds = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    return dt.timedelta(seconds=3 * seconds) if seconds else None
 
 
 ZOMBIE_AUTOMATION = "nktrial: crash zombie flow runs"
@@ -471,7 +474,7 @@ def ensure_zombie_automation() -> bool:
     except ValueError:  # no automation of that name
         existing = None
     if existing is not None:
-        if expect <= set(existing.trigger.expect) and existing.trigger.within == zombie_after():
+        if expect <= set(existing.trigger.expect) and zombie_after() in (None, existing.trigger.within):
             return False
         existing.delete()  # an earlier version's (which crashed suspended reviews), or another heartbeat frequency's: replaced
     Automation(
@@ -481,7 +484,7 @@ def ensure_zombie_automation() -> bool:
             after={"prefect.flow-run.heartbeat"},
             expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=zombie_after(),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=zombie_after() or dt.timedelta(seconds=3 * HEARTBEAT_SECONDS),
         ),
         actions=[ChangeFlowRunState(state=StateType.CRASHED, message="marked Crashed: its heartbeats stopped (zombie run)")],
     ).create()

@@ -36,6 +36,29 @@ def trial_engine() -> sa.Engine:
     return engine
 
 
+@functools.lru_cache(maxsize=16)
+def this_machine(host: str) -> bool:
+    """The host names this machine: a loopback name, or a name or address this machine can listen on
+    (`nktrial up --host 10.0.0.5` gives its worker that address)."""
+    import socket
+
+    if host.lower() in LOOPBACK:
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, 0))
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class SplitRecordRefused(UserError):
     """A flow run would write to a SQLite file on its worker while its Prefect server is on another machine."""
 
@@ -53,7 +76,7 @@ def check_embedded_here() -> None:
 
     api = PREFECT_API_URL.value() or ""
     host = urlsplit(api).hostname
-    if host is None or host.lower() in LOOPBACK:
+    if host is None or this_machine(host):
         return
     raise SplitRecordRefused(
         f"NKTRIAL_DATABASE_URL is not set for this flow run and its Prefect API ({host}) is on another machine: it would "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from protocol.errors import UserError
+
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -12,6 +14,10 @@ def cmd_up(args) -> None:
     from tasks.settings import get_settings
 
     settings = get_settings()
+    given = [f"--{n}" for n in ("workers", "replicas") if getattr(args, n) != 2] + \
+            [f"--{n.replace('_', '-')}" for n in ("postgres_url", "redis_url") if getattr(args, n) != getattr(args, f"_{n}_default")]
+    if given and not args.ha:
+        raise UserError(f"{' and '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the scaled-out stack only: add --ha")
     if args.ha:
         from nktrial.ha import HaConfig, run_ha
 
@@ -56,4 +62,5 @@ def add_parsers(sub) -> None:
                          f"(env NKTRIAL_HA_POSTGRES_URL; default {DEFAULT_POSTGRES})")
     ha.add_argument("--redis-url", default=os.environ.get("NKTRIAL_HA_REDIS_URL") or DEFAULT_REDIS,
                     help=f"Redis for events, leases and the task queue (env NKTRIAL_HA_REDIS_URL; default {DEFAULT_REDIS})")
-    up.set_defaults(func=cmd_up)
+    up.set_defaults(func=cmd_up, _postgres_url_default=os.environ.get("NKTRIAL_HA_POSTGRES_URL") or DEFAULT_POSTGRES,
+                    _redis_url_default=os.environ.get("NKTRIAL_HA_REDIS_URL") or DEFAULT_REDIS)

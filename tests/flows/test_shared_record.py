@@ -4,6 +4,7 @@ disk. Real flow runs on the session's Prefect server."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from prefect import flow
@@ -39,6 +40,7 @@ def test_the_same_flow_on_this_machine_or_with_a_database_url_acts(prefect_serve
     monkeypatch.delenv("NKTRIAL_DATABASE_URL", raising=False)
     monkeypatch.setenv("NKTRIAL_DATA_DIR", str(tmp_path / "data"))
     assert touch_the_record("http://127.0.0.1:4200/api").endswith("trial.db")  # nktrial up's own worker
+    assert touch_the_record(f"http://{socket.gethostname()}:4200/api").endswith("trial.db")  # nktrial up --host <this machine>
     monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'named.db'}")  # named: the worker was told
     assert touch_the_record("http://10.20.30.40:4200/api").endswith("named.db")
 
