@@ -353,6 +353,16 @@ class UpInBackground:
                 raise RuntimeError(f"nktrial up {' '.join(self.args)} did not come up: {self.text()[-3000:]}")
             time.sleep(0.5)
 
+    def pids(self) -> dict[str, int]:
+        """The processes of `nktrial up --ha` by name ("API replica 1", "worker 2", "HAProxy", …), restarts included."""
+        import re
+
+        text = self.text()
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith("pids "))
+        found = {name: int(pid) for name, pid in re.findall(r"([A-Za-z][A-Za-z ]*?\d?) (\d+)(?:,|$)", line.split("pids", 1)[1].strip())}
+        found.update({name: int(pid) for name, pid in re.findall(r"• (.+?) started again \(pid (\d+)\)", text)})
+        return found
+
     def stop(self) -> float:
         began = time.monotonic()
         if self.proc is not None and self.proc.poll() is None:

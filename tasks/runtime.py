@@ -64,7 +64,7 @@ class SplitRecordRefused(UserError):
 
 
 def check_embedded_here() -> None:
-    """In a flow run whose Prefect API is not on this machine: refuse the embedded SQLite trial database.
+    """In a flow run whose Prefect API is not on this machine: refuse a SQLite trial database (a file of this worker's).
 
     The worker would write the clinical record to a file of its own, apart from every other node's: the system of
     record split, silently. The work pool's job template carries NKTRIAL_DATABASE_URL (nktrial/workpool.py), so this
@@ -79,9 +79,9 @@ def check_embedded_here() -> None:
     if host is None or this_machine(host):
         return
     raise SplitRecordRefused(
-        f"NKTRIAL_DATABASE_URL is not set for this flow run and its Prefect API ({host}) is on another machine: it would "
-        "write to a SQLite file on this worker and split the trial's record, so it did nothing; set NKTRIAL_DATABASE_URL "
-        "in the work pool's job template (nktrial up does) or in the worker's environment.")
+        f"This flow run's trial database is a SQLite file on this worker (NKTRIAL_DATABASE_URL unset or sqlite) and its "
+        f"Prefect API ({host}) is on another machine: it would split the trial's record, so it did nothing; set "
+        "NKTRIAL_DATABASE_URL to the shared database in the work pool's job template (nktrial up does) or the worker's environment.")
 
 
 @functools.lru_cache(maxsize=8)

@@ -42,8 +42,8 @@ def settings_class():
 
         @property
         def embedded_database(self) -> bool:
-            """The trial database is the SQLite file under data_dir (nothing named another)."""
-            return not self.database_url
+            """The trial database is a SQLite file on this machine (the one under data_dir, or one named)."""
+            return self.trial_database_url.startswith("sqlite")
 
         @property
         def report_folder(self) -> Path | None:

@@ -26,7 +26,8 @@ def test_a_flow_run_with_a_remote_api_refuses_the_embedded_database(prefect_serv
     state = touch_the_record("http://10.20.30.40:4200/api", return_state=True)
     assert state.is_failed()
     message = state.message or ""
-    assert "NKTRIAL_DATABASE_URL is not set for this flow run and its Prefect API (10.20.30.40) is on another machine" in message
+    assert "trial database is a SQLite file on this worker (NKTRIAL_DATABASE_URL unset or sqlite) and its Prefect API " \
+           "(10.20.30.40) is on another machine" in message
     assert not (tmp_path / "data" / "trial.db").exists()  # nothing written beside the record
     try:
         state.result()
@@ -41,8 +42,11 @@ def test_the_same_flow_on_this_machine_or_with_a_database_url_acts(prefect_serve
     monkeypatch.setenv("NKTRIAL_DATA_DIR", str(tmp_path / "data"))
     assert touch_the_record("http://127.0.0.1:4200/api").endswith("trial.db")  # nktrial up's own worker
     assert touch_the_record(f"http://{socket.gethostname()}:4200/api").endswith("trial.db")  # nktrial up --host <this machine>
-    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'named.db'}")  # named: the worker was told
-    assert touch_the_record("http://10.20.30.40:4200/api").endswith("named.db")
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'named.db'}")  # a file of its own all the same
+    assert touch_the_record("http://127.0.0.1:4200/api").endswith("named.db")
+    assert touch_the_record("http://10.20.30.40:4200/api", return_state=True).is_failed()
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", "postgresql+psycopg://trial@db.example/trial")  # the shared one: told
+    assert touch_the_record("http://10.20.30.40:4200/api").endswith("db.example/trial")
 
 
 def test_report_files_go_where_every_node_sees_them(tmp_path, monkeypatch):
@@ -50,6 +54,8 @@ def test_report_files_go_where_every_node_sees_them(tmp_path, monkeypatch):
     monkeypatch.delenv("NKTRIAL_REPORTS_DIR", raising=False)
     monkeypatch.delenv("NKTRIAL_DATABASE_URL", raising=False)
     assert get_settings().report_folder == (tmp_path / "data" / "reports").resolve()  # one node: beside its database
+    monkeypatch.setenv("NKTRIAL_DATABASE_URL", f"sqlite:///{tmp_path / 'named.db'}")
+    assert get_settings().report_folder == (tmp_path / "data" / "reports").resolve()  # a named SQLite file: still one node
     monkeypatch.setenv("NKTRIAL_DATABASE_URL", "postgresql+psycopg://trial@db.example/trial")
     assert get_settings().report_folder is None  # a shared database and no shared folder: artifacts only
     monkeypatch.setenv("NKTRIAL_REPORTS_DIR", str(tmp_path / "shared"))

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from nktrial.ha import UpInBackground
+from nktrial.killcheck import all_runs, executions, ran_twice, runs_of
 from nktrial.receiver import Receiver
 from nktrial.server import free_port
 from nktrial.supervisor import tree
@@ -110,8 +111,8 @@ class Stack:
         for name in self.databases:
             _psql(self.admin, f'CREATE DATABASE "{name}"')
         _flush_redis()
-        line = self.up.start(ready="pids ")
-        self.pids = {m[0]: int(m[1]) for m in re.findall(r"([A-Za-z][A-Za-z ]*?\d?) (\d+)(?:,|$)", line.split("pids", 1)[1].strip())}
+        self.up.start(ready="pids ")
+        self.pids = self.up.pids()
         self.env.update(PREFECT_API_URL=self.api, PREFECT_API_AUTH_STRING=(self.data / "prefect-api-auth").read_text().strip())
 
     def text(self) -> str:
@@ -160,40 +161,6 @@ def _request(sid: str) -> dict:
     return req.model_dump(mode="json")
 
 
-def _runs_of(worker: int) -> set[str]:
-    """The flow runs whose processes a worker started (each has its run's id in its environment)."""
-    ids = set()
-    for pid in tree(worker) - {worker}:
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ids |= {e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PREFECT__FLOW_RUN_ID=")}
-    return ids
-
-
-def _all_runs(client):
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    runs, offset = [], 0
-    while True:
-        page = client.read_flow_runs(sort=FlowRunSort.ID_DESC, limit=200, offset=offset)
-        runs += page
-        if len(page) < 200:
-            return runs
-        offset += 200
-
-
-def _running_spans(client, run) -> list[tuple[dt.datetime, dt.datetime | None]]:
-    """Each time the run entered Running (not Retrying), until the state that followed it."""
-    states = sorted(client.read_flow_run_states(run.id), key=lambda s: s.timestamp)
-    spans = []
-    for i, st in enumerate(states):
-        if st.type.value == "RUNNING" and st.name == "Running":
-            spans.append((st.timestamp, states[i + 1].timestamp if i + 1 < len(states) else None))
-    return spans
-
-
 def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(stack):
     from prefect import get_client
     from prefect.client.schemas.objects import StateType
@@ -227,9 +194,9 @@ def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(sta
             assert time.monotonic() < deadline, "no worker was running a flow run after two enrollments: " + stack.text()[-2000:]
             time.sleep(0.5)
             if enrollments_done() >= 2:
-                running = {str(r.id) for r in _all_runs(client) if r.state_type is StateType.RUNNING}
-                busy = next((name for name in ("worker 1", "worker 2") if running & _runs_of(stack.pids[name])), None)
-        in_flight = [r.name for r in _all_runs(client) if str(r.id) in _runs_of(stack.pids[busy])]
+                running = {str(r.id) for r in all_runs(client) if r.state_type is StateType.RUNNING}
+                busy = next((name for name in ("worker 1", "worker 2") if running & runs_of(stack.pids[name])), None)
+        in_flight = [r.name for r in all_runs(client) if str(r.id) in runs_of(stack.pids[busy])]
 
     # the kill: replica 1 (the load balancer must route around it) and the busy worker with every flow run it started (a
     # node lost: the runs' processes die too)
@@ -283,11 +250,11 @@ def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(sta
     assert len(SUBJECTS) - statuses["waitlisted"] == cohort and set(statuses) <= {"waitlisted", "enrolled", "on_treatment"}, statuses
 
     with stack.settings(), get_client(sync_client=True) as client:
-        runs = _all_runs(client)
-        spans = {str(r.id): _running_spans(client, r) for r in runs}
-        crashes = {str(r.id): sum(st.type is StateType.CRASHED for st in client.read_flow_run_states(r.id)) for r in runs}
+        runs = all_runs(client)
+        seen = {str(r.id): executions(client, r) for r in runs}
+        spans = {rid: sp for rid, (sp, _) in seen.items()}
         # nothing ran twice: a run enters Running once, or once more after each time it was found Crashed (its process died)
-        twice = {rid: len(sp) for rid, sp in spans.items() if len(sp) > 1 + crashes[rid]}
+        twice = {rid: len(sp) for rid, (sp, crashes) in seen.items() if ran_twice(sp, crashes)}
         assert not twice, f"runs executed twice without a crash between: {twice}"
         # no two enrollments ever ran at once (enroll-patient: concurrency limit 1, its lease in Redis)
         enroll = sorted((a, b or dt.datetime.now(dt.UTC)) for r in runs if r.name and str(r.id) in {str(x) for x in requests.values()}
