@@ -34,7 +34,7 @@ from pathlib import Path
 from nktrial.apiauth import LOOPBACK, load_or_create, private_dir, secret_path
 from nktrial.server import free_port, healthy, prefect_exe
 from nktrial.supervisor import Supervisor
-from nktrial.up import POOL, ROOT, _step, tighten
+from nktrial.up import POOL, ROOT, _step, addresses, stack_env, tighten
 from protocol.errors import UserError
 
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy.cfg"
@@ -194,26 +194,12 @@ def _run_ha(cfg: HaConfig, *, data_dir: Path, apprise_config: Path | None) -> in
     created = [url for url, given in ((prefect_db, cfg.prefect_database_url), (trial_db, cfg.trial_database_url))
                if not given and ensure_database(cfg.postgres_url, url)]
 
-    near = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(cfg.host, f"[{cfg.host}]" if ":" in cfg.host else cfg.host)
-    api, ui = f"http://{near}:{cfg.port}/api", f"http://{near}:{cfg.port}"
+    api, ui = addresses(cfg.host, cfg.port)
     if healthy(api):
         raise UserError(f"port {cfg.port}: a Prefect server already answers at {ui}; stop it first or choose --port")
     auth, first_start = load_or_create(data_dir)
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ("PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING")},
-        "PREFECT_HOME": str(data_dir / "prefect-ha"),
-        "PREFECT_API_URL": api,
-        "PREFECT_API_AUTH_STRING": auth,
-        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or api,
-        "PREFECT_UI_URL": os.environ.get("PREFECT_UI_URL") or ui,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or "60",
-        # a form submitted is picked up within 5 s, and a referral queued behind another (enroll-patient runs one at a
-        # time) tries again 5 s later (Prefect's defaults: 15 s and 30 s)
-        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS") or "5",
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS":
-            os.environ.get("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS") or "5",
-        "NKTRIAL_DATA_DIR": str(data_dir),
+        **stack_env(data_dir=data_dir, api=api, ui=ui, auth=auth, prefect_home="prefect-ha"),
         "NKTRIAL_DATABASE_URL": trial_db,
         # reports and exports in one folder every worker sees (on several nodes: a shared mount)
         "NKTRIAL_REPORTS_DIR": os.environ.get("NKTRIAL_REPORTS_DIR") or str(data_dir / "reports"),

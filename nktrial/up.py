@@ -43,6 +43,34 @@ def tighten(data_dir: Path) -> None:
                 p.chmod(stat.S_IMODE(st.st_mode) & 0o700)
 
 
+def addresses(host: str, port: int) -> tuple[str, str]:
+    """The API and UI URLs this machine's clients call for a server listening on `host`:`port`."""
+    near = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+    return f"http://{near}:{port}/api", f"http://{near}:{port}"
+
+
+def stack_env(*, data_dir: Path, api: str, ui: str, auth: str, prefect_home: str) -> dict[str, str]:
+    """The environment of everything `nktrial up` (and `up --ha`) starts: the Prefect clients' settings, the data folder."""
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ("PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING")},
+        "PREFECT_HOME": str(data_dir / prefect_home),
+        "PREFECT_API_URL": api,
+        "PREFECT_API_AUTH_STRING": auth,  # every client: deploy, worker, flow runs (PREFECT_API_KEY must not be set too)
+        # the browser calls the API here: its default (port 4200) breaks other ports; behind a proxy, the public URL
+        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or api,
+        "PREFECT_UI_URL": os.environ.get("PREFECT_UI_URL") or ui,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "NKTRIAL_DATA_DIR": str(data_dir),
+        # flow runs beat every 60 s, so the zombie-run automation `nktrial reconcile` creates can mark a run whose process died Crashed
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or "60",
+        # a form submitted is picked up within 5 s, and a referral queued behind another (enroll-patient runs one at a
+        # time) tries again 5 s later (Prefect's defaults: 15 s and 30 s)
+        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS") or "5",
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS":
+            os.environ.get("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS") or "5",
+    }
+
+
 def run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -> int:
     data_dir = private_dir(data_dir.resolve())
     old_umask = os.umask(0o077)  # what this process and its children create (Prefect's database, logs, results) is 0600
@@ -56,32 +84,12 @@ def _run(*, host: str, port: int, data_dir: Path, apprise_config: Path | None) -
     tighten(data_dir)
     logs = data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    near = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
-    api = f"http://{near}:{port}/api"  # what this machine's clients call
-    ui = f"http://{near}:{port}"
+    api, ui = addresses(host, port)
     if healthy(api):
         raise UserError(f"port {port}: a Prefect server already answers at {ui}; stop it first or choose --port")
     auth, first_start = load_or_create(data_dir)
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("PREFECT_API_KEY", "PREFECT_SERVER_API_AUTH_STRING")},
-        "PREFECT_HOME": str(data_dir / "prefect"),
-        "PREFECT_API_URL": api,
-        "PREFECT_API_AUTH_STRING": auth,  # every client: deploy, worker, flow runs (PREFECT_API_KEY must not be set too)
-        # the browser calls the API here: its default (port 4200) breaks other ports; behind a proxy, the public URL
-        "PREFECT_UI_API_URL": os.environ.get("PREFECT_UI_API_URL") or api,
-        "PREFECT_UI_URL": os.environ.get("PREFECT_UI_URL") or ui,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_API_HOST": host,
-        "PREFECT_SERVER_API_PORT": str(port),
-        "NKTRIAL_DATA_DIR": str(data_dir),
-        # flow runs beat every 60 s, so the zombie-run automation `nktrial reconcile` creates can mark a run whose process died Crashed
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or "60",
-        # a form submitted is picked up within 5 s, and a referral queued behind another (enroll-patient runs one at a
-        # time) tries again 5 s later (Prefect's defaults: 15 s and 30 s)
-        "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS") or "5",
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS":
-            os.environ.get("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS") or "5",
-    }
+    env = {**stack_env(data_dir=data_dir, api=api, ui=ui, auth=auth, prefect_home="prefect"),
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
     server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": auth}
     if apprise_config:
         env["NKTRIAL_APPRISE_CONFIG"] = str(apprise_config.resolve())
