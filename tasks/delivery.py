@@ -19,6 +19,7 @@ committed: that message may be sent again, with the same notice ID. Delivery is 
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import functools
 import hashlib
@@ -80,10 +81,10 @@ def load_channels(config: Path | None) -> list[Channel]:
     """Channels from an apprise config file (YAML or text), each with its tags. None: no channels (a signing code then
     says its signer has none). A file that is missing, empty or has a line apprise cannot load is a ChannelConfigError.
 
-    The file is read every time (a fixed config is used at once). Its line-by-line check (apprise parses each entry,
-    ~30 ms) is done once per distinct text; the plugins are then built by one parse of the whole file on every call, so
-    that every option (an e-mail's from= and to=) and the YAML `asset:` are apprise's own, and no throttle or
-    connection state is carried from one delivery pass to the next."""
+    The file is read every time (a fixed config is used at once). Its line-by-line check (apprise parses each entry)
+    and one parse of the whole file (~30 ms each) are done once per distinct text, so that every option (an e-mail's
+    from= and to=) and the YAML `asset:` are apprise's own; every call gets new copies of the parsed plugins, never
+    used before, so no throttle or connection state is carried from one delivery pass to the next."""
     if config is None:
         return []
     where, text = _read(Path(config))
@@ -106,13 +107,19 @@ def _checked(where: str, text: str) -> int:
 
 
 def _parsed(text: str) -> list:
-    """New apprise plugin instances for a checked config text, from one parse of the whole text."""
+    """New apprise plugin instances for a checked config text: copies of one parse of the whole text."""
+    return copy.deepcopy(_parsed_once(text))
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed_once(text: str) -> tuple:
+    """The plugins of one parse of a checked config text; kept as the pattern _parsed copies, never sent with."""
     from apprise.common import ConfigFormat
     from apprise.config.base import ConfigBase
 
     if ConfigBase.detect_config_format(text) is ConfigFormat.YAML:
-        return ConfigBase.config_parse_yaml(text)[0]
-    return ConfigBase.config_parse_text(text)[0]
+        return tuple(ConfigBase.config_parse_yaml(text)[0])
+    return tuple(ConfigBase.config_parse_text(text)[0])
 
 
 def require_channels(config: Path | None) -> list[Channel]:
