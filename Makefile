@@ -39,9 +39,12 @@ demo: $(BIN)/.installed
 	$(BIN)/nktrial calendar --dose-level 1 --day0 2027-01-31T09:00
 	$(BIN)/nktrial escalation next ""
 
-## make test: set up and run every test (protocol, both databases, CLI)
+## make test: set up and run every test (protocol, both databases, CLI, flows, browser, scaled out), in TEST_WORKERS
+## processes, each with its own Prefect test server (pytest-xdist); a scenario rehearsal and the tests that read it stay
+## in one process (their xdist_group). TEST_WORKERS=0 runs them all in this one process.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,8 +4,12 @@ a SQLite file, and a new PostgreSQL database on the server named by NKTRIAL_TEST
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -35,6 +39,17 @@ def _postgres_admin_url() -> str | None:
     return url
 
 
+@contextlib.contextmanager
+def _cluster_roles_lock():
+    """One test process at a time changes the cluster-wide roles (concurrent GRANTs of one membership can collide)."""
+    with open(Path(tempfile.gettempdir()) / "nktrial-test-pg-roles.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
     """URL of a fresh trial database on each engine: an empty SQLite file; on PostgreSQL a new database migrated by the
@@ -53,8 +68,10 @@ def db_url(request, tmp_path):
     except sa.exc.OperationalError as exc:
         pytest.fail(f"PostgreSQL at {PG_ENV} is not reachable: {exc.orig}")
     url = sa.engine.make_url(admin).set(database=name)
-    # Roles as in production (README): migrations as the owner, every clinical write as the app role.
-    create_roles(url, database=name, owner=PG_OWNER, app=PG_APP)
+    # Roles as in production (README): migrations as the owner, every clinical write as the app role. The roles are the
+    # cluster's: the test processes of one run (pytest-xdist) grant them one at a time.
+    with _cluster_roles_lock():
+        create_roles(url, database=name, owner=PG_OWNER, app=PG_APP)
     owner_url = url.set(username=PG_OWNER, password=None).render_as_string(hide_password=False)
     upgrade_as_owner(owner_url, app=PG_APP)
     app_url = url.set(username=PG_APP, password=None).render_as_string(hide_password=False)
