@@ -20,6 +20,27 @@ from pathlib import Path
 
 from protocol.errors import UserError
 
+# A server whose database is thrown away when it stops, and whose UI nobody reads (a rehearsal's temporary server, the
+# test harness's), keeps no event history: storing each event (three per task run) with its related resources was
+# most of such a server's database writes, and nothing reads them back. Its services still receive every event
+# (task runs are recorded from them, automations are triggered by them).
+THROWAWAY_SERVER_ENV = {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false"}
+
+
+@contextmanager
+def temporary_environment(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set while the block runs (for the processes it starts), then as they were."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
 
 def healthy(api: str) -> bool:
     try:
@@ -53,12 +74,14 @@ def flush_to(api: str) -> None:
 
 @contextmanager
 def local_server(home: Path, *, ui: bool = False, timeout_s: float = 120) -> Iterator[str]:
-    """A Prefect server on a free loopback port with its own database under `home`; yields the API URL."""
+    """A Prefect server on a free loopback port with its own database under `home`; yields the API URL. Without its UI
+    it is a throwaway server (THROWAWAY_SERVER_ENV); with it, the UI shows the event feed as `nktrial up`'s does."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true" if ui else "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true" if ui else "false",
+           **({} if ui else THROWAWAY_SERVER_ENV)}
     log_path = home / "server.log"
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen([prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -116,6 +116,7 @@ from flows.deployments import ALL_FLOWS  # noqa: E402
 from models.clock import VirtualClock, use_clock  # noqa: E402
 from nktrial.inprocess import without_suspension_observer  # noqa: E402
 from nktrial.receiver import Receiver  # noqa: E402
+from nktrial.server import THROWAWAY_SERVER_ENV, temporary_environment  # noqa: E402
 from tasks.runtime import trial_engine  # noqa: E402
 from tests.helpers import TEST_STAFF  # noqa: E402
 
@@ -129,8 +130,9 @@ ROLES = ["coordinator", "nurse", "investigator", "pi", "cell-lab", "pharmacy", "
 def prefect_server():
     # Flows run in this process and end in seconds: no crash-detection heartbeat thread, whose join costs up to 1 s a run,
     # and no suspension observer thread, whose stop costs ~200 ms a run (nktrial/inprocess.py says why neither is needed).
-    with prefect_test_harness(server_startup_timeout=60), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
-            without_suspension_observer():
+    # The harness's server is thrown away at the end and has no UI: it keeps no event history (nktrial/server.py).
+    with temporary_environment(THROWAWAY_SERVER_ENV), prefect_test_harness(server_startup_timeout=60), \
+            temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), without_suspension_observer():
         for f in ALL_FLOWS:
             f.to_deployment(name=f.name).apply()
         yield

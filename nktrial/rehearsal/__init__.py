@@ -13,9 +13,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 from models.clock import VirtualClock, use_clock
@@ -27,26 +26,13 @@ from nktrial.rehearsal.loop import Rehearsal
 from nktrial.rehearsal.results import DecisionResult, LevelResult, PatientResult, Result, StepTimes, check
 from nktrial.rehearsal.staff import site_staff
 from nktrial.scenario import Scenario
+from nktrial.server import temporary_environment
 from protocol.dates import local_instant
 from protocol.definition import ProtocolDefinition
 from protocol.roles import Role
 from tasks.staff import add_staff
 
 __all__ = ["DecisionResult", "LevelResult", "PatientResult", "Rehearsal", "Result", "StepTimes", "check", "rehearse"]
-
-
-@contextmanager
-def _environment(values: dict[str, str]):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition, api_url: str | None = None,
@@ -90,7 +76,7 @@ def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition,
             add_staff(engine, protocol, staff_id=sid, printed_name=name, roles=roles, actor=staff[0][0], clock=clock,
                       allow_bootstrap=sid == staff[0][0])
         with ExitStack() as stack:
-            stack.enter_context(_environment({"NKTRIAL_DATABASE_URL": f"sqlite:///{db}", "NKTRIAL_APPRISE_CONFIG": str(apprise),
+            stack.enter_context(temporary_environment({"NKTRIAL_DATABASE_URL": f"sqlite:///{db}", "NKTRIAL_APPRISE_CONFIG": str(apprise),
                                               "NKTRIAL_DATA_DIR": str(out_dir)}))
             if temporary_server:
                 progress and progress("starting a temporary Prefect server…")
