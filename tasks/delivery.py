@@ -24,6 +24,7 @@ import datetime as dt
 import functools
 import hashlib
 import os
+import pickle
 import re
 import socket
 import uuid
@@ -107,13 +108,35 @@ def _checked(where: str, text: str) -> int:
 
 
 def _parsed(text: str) -> list:
-    """New apprise plugin instances for a checked config text: copies of one parse of the whole text."""
-    return copy.deepcopy(_parsed_once(text))
+    """New apprise plugin instances for a checked config text: copies of one parse of the whole text. A plugin that
+    cannot be copied (Matrix and MQTT hold a lock or a client) is taken from a new parse of the text instead."""
+    pattern = _parsed_once(text)
+    fresh = None
+    out = []
+    for i, (server, copyable) in enumerate(pattern):
+        if copyable:
+            out.append(copy.deepcopy(server))
+        else:
+            fresh = fresh if fresh is not None else _parse(text)
+            out.append(fresh[i])
+    return out
 
 
 @functools.lru_cache(maxsize=16)
-def _parsed_once(text: str) -> tuple:
-    """The plugins of one parse of a checked config text; kept as the pattern _parsed copies, never sent with."""
+def _parsed_once(text: str) -> tuple[tuple[object, bool], ...]:
+    """The plugins of one parse of a checked config text, each with whether it can be copied (tried by pickling it,
+    which builds no half object); kept as the pattern _parsed copies, never sent with."""
+    def copyable(server) -> bool:
+        try:
+            pickle.dumps(server)
+            return True
+        except Exception:  # noqa: BLE001 - a lock, a socket, a client: not copyable
+            return False
+
+    return tuple((server, copyable(server)) for server in _parse(text))
+
+
+def _parse(text: str) -> tuple:
     from apprise.common import ConfigFormat
     from apprise.config.base import ConfigBase
 

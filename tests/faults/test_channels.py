@@ -39,3 +39,14 @@ def test_a_text_config_keeps_the_email_sender_and_a_fixed_file_is_read_at_once(t
     cfg.write_text("pi=mailtos://relay:pw@site.org?from=pi-02@site.org\n", encoding="utf-8")
     (pi,) = load_channels(cfg)
     assert pi.server.targets == [(False, "pi-02@site.org")]
+
+
+def test_a_channel_apprise_cannot_copy_is_built_anew_and_the_others_still_load(tmp_path, capfd):
+    """A Matrix channel holds a lock: the pass takes it from a new parse, and the e-mail and JSON channels beside it load."""
+    cfg = tmp_path / "apprise.yml"
+    cfg.write_text(YAML + "  - matrixs://bot:pw@matrix.site.org/#trial-safety:\n      - tag: safety\n", encoding="utf-8")
+    first, second = load_channels(cfg), load_channels(cfg)
+    assert sorted(next(iter(c.tags)) for c in first) == ["coordinator", "nurse", "pi", "safety"]
+    assert all(a.server is not b.server for a, b in zip(first, second))
+    assert type(next(c for c in second if "safety" in c.tags).server).__name__ == "NotifyMatrix"
+    assert "Traceback" not in capfd.readouterr().err  # no half-copied plugin complaining as it is collected
