@@ -81,7 +81,7 @@ def local_server(home: Path, *, ui: bool = False, timeout_s: float = 120) -> Ite
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "true" if ui else "false",
-           **({} if ui else THROWAWAY_SERVER_ENV)}
+           **({"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "true"} if ui else THROWAWAY_SERVER_ENV)}
     log_path = home / "server.log"
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen([prefect_exe(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

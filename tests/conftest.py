@@ -42,7 +42,7 @@ def _postgres_admin_url() -> str | None:
 @contextlib.contextmanager
 def _cluster_roles_lock():
     """One test process at a time changes the cluster-wide roles (concurrent GRANTs of one membership can collide)."""
-    with open(Path(tempfile.gettempdir()) / "nktrial-test-pg-roles.lock", "a+") as fh:
+    with open(Path(tempfile.gettempdir()) / f"nktrial-test-pg-roles-{os.getuid()}.lock", "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
