@@ -42,9 +42,11 @@ P = load_protocol()
 WALL_TIMES: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def rehearsed(prefect_server, receiver, tmp_path_factory):
-    """Rehearse a shipped scenario once per module; every message goes to the session receiver (and its privacy check)."""
+    """Rehearse a shipped scenario once per test process; every message goes to the session receiver (and its privacy
+    check). Session-scoped: under pytest-xdist a process may run other modules' tests between two that read one
+    scenario, and a module-scoped cache would be dropped and the scenario rehearsed again."""
     cache = {}
 
     def run(name: str):
