@@ -45,8 +45,8 @@ WALL_TIMES: dict[str, float] = {}
 @pytest.fixture(scope="session")
 def rehearsed(prefect_server, receiver, tmp_path_factory):
     """Rehearse a shipped scenario once per test process; every message goes to the session receiver (and its privacy
-    check). Session-scoped: under pytest-xdist a process may run other modules' tests between two that read one
-    scenario, and a module-scoped cache would be dropped and the scenario rehearsed again."""
+    check). make test sends this whole file to one process (pytest-xdist --dist loadfile), so each scenario is
+    rehearsed once."""
     cache = {}
 
     def run(name: str):
@@ -63,18 +63,6 @@ def rehearsed(prefect_server, receiver, tmp_path_factory):
         engine.dispose()
 
 
-# Under pytest-xdist (make test), a scenario is rehearsed once, in the process that runs every test reading it: each
-# group goes to one process, and the two longest are started first, one in each (GROUP says which scenarios share one).
-GROUP = {"no-dlt": "rehearsals-a", "late-infusion": "rehearsals-a", "two-dlts-deescalation": "rehearsals-b",
-         "one-of-three-expansion": "rehearsals-b", "withdrawal-replacement": "rehearsals-c", "missed-il2": "rehearsals-c"}
-
-
-def rehearsing(*names: str):
-    """The xdist group of the tests that read these scenarios (one group: the scenarios must share it)."""
-    (group,) = {GROUP[n] for n in names}
-    return pytest.mark.xdist_group(group)
-
-
 def test_every_scenario_file_is_shipped_and_valid():
     names = {p.stem for p in shipped()}
     assert names == {"no-dlt", "one-of-three-expansion", "two-dlts-deescalation", "late-infusion", "withdrawal-replacement", "missed-il2"}
@@ -83,7 +71,8 @@ def test_every_scenario_file_is_shipped_and_valid():
         assert sc.expect is not None, f"{name} states what the rules imply"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=rehearsing(n)) for n in GROUP])
+@pytest.mark.parametrize("name", ["no-dlt", "one-of-three-expansion", "two-dlts-deescalation", "late-infusion",
+                                  "withdrawal-replacement", "missed-il2"])
 def test_the_rehearsal_ends_where_the_3_plus_3_rules_say(rehearsed, name):
     res, engine, _ = rehearsed(name)
     assert res.problems == []
@@ -108,7 +97,6 @@ def test_the_rehearsal_ends_where_the_3_plus_3_rules_say(rehearsed, name):
     assert len(mornings) == len(set(mornings)) and all(m.endswith(" 07:00") for m in mornings)  # one rounds each virtual morning
 
 
-@rehearsing('no-dlt')
 def test_no_dlt_escalates_twice_expands_the_top_level_and_names_dl3(rehearsed):
     res, engine, out = rehearsed("no-dlt")
     assert res.history == "1NNN 2NNN 3NNN 3NNN" and res.mtd == 3
@@ -117,7 +105,6 @@ def test_no_dlt_escalates_twice_expands_the_top_level_and_names_dl3(rehearsed):
     assert res.wall_seconds > 0
 
 
-@rehearsing('one-of-three-expansion')
 def test_one_dlt_in_three_expands_the_level_before_escalating(rehearsed):
     res, engine, _ = rehearsed("one-of-three-expansion")
     s102 = next(p for p in res.patients if p["subject_id"] == "S-102")
@@ -126,7 +113,6 @@ def test_one_dlt_in_three_expands_the_level_before_escalating(rehearsed):
     assert [(d["history"], d["signed"]) for d in res.decisions] == [("1NTN", "expand"), ("1NTN 1NNN", "escalate")]
 
 
-@rehearsing('two-dlts-deescalation')
 def test_two_dlts_stop_the_cohort_early_and_de_escalate(rehearsed):
     res, engine, _ = rehearsed("two-dlts-deescalation")
     assert res.decisions[2]["history"] == "1NNN 2NNN 3TT"  # the review did not wait for S-209's window
@@ -138,7 +124,6 @@ def test_two_dlts_stop_the_cohort_early_and_de_escalate(rehearsed):
     assert (s209["dose_level"], s209["status"], s209["evaluable"]) == (3, "completed", True)
 
 
-@rehearsing('late-infusion')
 def test_a_late_infusion_moves_its_pk_samples_and_a_missed_one_is_replaced(rehearsed):
     res, engine, _ = rehearsed("late-infusion")
     with Session(engine) as s:
@@ -160,7 +145,6 @@ def test_a_late_infusion_moves_its_pk_samples_and_a_missed_one_is_replaced(rehea
     assert by["S-303"]["evaluable"] is False and by["S-304"]["cohort"] == 1 and by["S-304"]["evaluable"] is True
 
 
-@rehearsing('withdrawal-replacement')
 def test_a_withdrawal_opens_a_replacement_slot_the_waitlisted_patient_takes(rehearsed):
     res, engine, _ = rehearsed("withdrawal-replacement")
     log = list(csv.DictReader(open(res.event_log, encoding="utf-8")))
@@ -171,7 +155,6 @@ def test_a_withdrawal_opens_a_replacement_slot_the_waitlisted_patient_takes(rehe
     assert by["S-402"]["evaluable"] is False and (by["S-404"]["cohort"], by["S-404"]["evaluable"]) == (1, True)
 
 
-@rehearsing('missed-il2')
 def test_missed_il2_doses_are_flagged_next_morning_and_recorded(rehearsed):
     res, engine, _ = rehearsed("missed-il2")
     log = list(csv.DictReader(open(res.event_log, encoding="utf-8")))
@@ -187,7 +170,6 @@ def test_missed_il2_doses_are_flagged_next_morning_and_recorded(rehearsed):
 
 # -- the reports, from the no-DLT trial ---------------------------------------------------------
 
-@rehearsing('no-dlt')
 def test_the_reports_hold_what_the_database_holds(rehearsed):
     res, engine, out = rehearsed("no-dlt")
     reports = Path(res.reports)
@@ -240,7 +222,6 @@ def test_the_reports_hold_what_the_database_holds(rehearsed):
     assert any("data:image/png;base64," in (a.data or "") for a in latest if a.key == "swimmer-plot")
 
 
-@rehearsing('two-dlts-deescalation')
 def test_the_sdtm_ae_domain_from_a_trial_with_dlts(rehearsed):
     res, engine, _ = rehearsed("two-dlts-deescalation")
     rows = list(csv.DictReader(open(Path(res.reports) / "sdtm" / "ae.csv", encoding="utf-8")))
@@ -299,7 +280,6 @@ def test_a_bad_scenario_gets_one_sentence(tmp_path):
     assert proc.returncode == 2 and "shipped: " in proc.stderr and "no-dlt" in proc.stderr
 
 
-@rehearsing('withdrawal-replacement', 'missed-il2')
 def test_the_swimmer_lanes_show_what_happened_to_each_patient(rehearsed):
     from tasks.swimmer import lanes
 
