@@ -131,8 +131,13 @@ def prefect_server():
     # Flows run in this process and end in seconds: no crash-detection heartbeat thread, whose join costs up to 1 s a run,
     # and no suspension observer thread, whose stop costs ~200 ms a run (nktrial/inprocess.py says why neither is needed).
     # The harness's server is thrown away at the end and has no UI: it keeps no event history (nktrial/server.py).
-    with temporary_environment(THROWAWAY_SERVER_ENV), prefect_test_harness(server_startup_timeout=60), \
-            temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), without_suspension_observer():
+    # The setting is in the environment only while the harness starts its server: the servers a test starts itself
+    # (`nktrial up`, `up --ha`) keep their event history and their own defaults, as on a site.
+    with contextlib.ExitStack() as stack:
+        with temporary_environment(THROWAWAY_SERVER_ENV):
+            stack.enter_context(prefect_test_harness(server_startup_timeout=60))
+        stack.enter_context(temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+        stack.enter_context(without_suspension_observer())
         for f in ALL_FLOWS:
             f.to_deployment(name=f.name).apply()
         yield
