@@ -47,7 +47,7 @@ REDIS_SETTINGS = {  # prefect-redis: one Redis database serves all of them (DESI
     "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
     "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
     "PREFECT_SERVER_WORKER_CHANNEL_CLEANUP_QUEUE_STORAGE": "prefect_redis.cleanup_queue",
-    # A replica passes each event on to Redis as it arrives. prefect-redis's default holds up to 5 events for up to 10 s
+    # A replica passes each event on to Redis as it arrives. prefect-redis's default holds up to 4 events for up to 10 s
     # in the replica's memory: a replica killed then loses them, and a lost heartbeat is a dead run the zombie
     # automation never hears of (never marked Crashed, its enrollment slot held until the lease runs out, 5 min).
     "PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE": "1",

@@ -131,8 +131,8 @@ def prefect_server():
     # Flows run in this process and end in seconds: no crash-detection heartbeat thread, whose join costs up to 1 s a run,
     # and no suspension observer thread, whose stop costs ~200 ms a run (nktrial/inprocess.py says why neither is needed).
     # The harness's server is thrown away at the end and has no UI: it keeps no event history (nktrial/server.py).
-    # The setting is in the environment only while the harness starts its server: the servers a test starts itself
-    # (`nktrial up`, `up --ha`) keep their event history and their own defaults, as on a site.
+    # The setting is in the environment only while the harness starts its server (which copies the environment then),
+    # so no other process this session starts inherits it.
     with contextlib.ExitStack() as stack:
         with temporary_environment(THROWAWAY_SERVER_ENV):
             stack.enter_context(prefect_test_harness(server_startup_timeout=60))

@@ -314,15 +314,15 @@ def _event_accepted_by_a_killed_replica_is_kept(stack: Stack, text: str) -> floa
     resource = f"nktrial.test.{uuid.uuid4()}"
     marker = Event(event="nktrial.test.sent-before-the-kill", resource={"prefect.resource.id": resource})
 
-    async def send_then_kill() -> None:
+    async def send_then_kill() -> float:
         async with PrefectEventsClient(api_url=f"http://127.0.0.1:{port}/api") as events:
             await events.emit(marker)
             await asyncio.sleep(2)
             os.kill(pid, signal.SIGKILL)
+            return time.monotonic()
 
     with stack.settings():
-        asyncio.run(send_then_kill())
-        killed = time.monotonic()
+        killed = asyncio.run(send_then_kill())
         wanted = EventFilter(event=EventNameFilter(name=[marker.event]), resource=EventResourceFilter(id=[resource]))
         with get_client(sync_client=True) as client:
             while not client.read_events(filter=wanted, limit=1).events:  # the server allows at most 50
