@@ -61,8 +61,9 @@ def settings_class():
 
 def get_settings():
     """NKTRIAL_* environment variables as they are now (a Settings instance). One instance is shared while those
-    variables stay the same: building one costs ~1 ms, and a rehearsal asked ~2,500 times. Nothing changes it."""
-    return _settings_for(tuple(sorted((k, v) for k, v in os.environ.items() if k.upper().startswith("NKTRIAL_"))))
+    variables stay the same (named in any case, as pydantic-settings reads them): building one costs ~1 ms, and a
+    rehearsal asked ~2,500 times. Nothing changes it."""
+    return _settings_for(tuple(sorted((k, v) for k, v in os.environ.items() if k.lower().startswith("nktrial_"))))
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,5 +75,5 @@ def _settings_for(nktrial_environment: tuple[tuple[str, str], ...]):
 def protocol_file_setting() -> Path | None:
     """get_settings().protocol_file without building the settings: NKTRIAL_PROTOCOL_FILE (its name in any case, as
     pydantic-settings matches it), empty meaning unset."""
-    value = next((v for k, v in os.environ.items() if k.upper() == "NKTRIAL_PROTOCOL_FILE"), None)
+    value = next((v for k, v in os.environ.items() if k.lower() == "nktrial_protocol_file"), None)
     return Path(value) if value is not None and value.strip() else None
