@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import datetime as dt
+import json
+import time
+import urllib.error
+import urllib.request
 
 import yaml
 
@@ -61,3 +66,23 @@ def register_staff(engine, protocol=None, staff=TEST_STAFF, *, since: dt.datetim
 def notice_link(body: str) -> str:
     """The run or page link of a notice body (subject · event · … · link · notice N)."""
     return next(part for part in body.split(" · ") if part.startswith(("http://", "https://")))
+
+
+def call_api(url: str, *, auth: str | None = None, body: dict | None = None, method: str | None = None) -> tuple[int, dict]:
+    """One request to a Prefect API as a plain HTTP client (basic auth if given): (status, JSON body or {})."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=headers, method=method or ("POST" if data is not None else "GET"))
+    for attempt in range(5):
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            # A SQLite Prefect server answers 503 when a write loses a race with its own event writers, having written
+            # nothing (tasks/prefect_api.py); Prefect's clients try again, and so does this one.
+            if exc.code != 503 or attempt == 4:
+                return exc.code, {}
+        time.sleep(0.5)
+    raise AssertionError("unreachable")

@@ -9,8 +9,6 @@ stops them. The tests of the module share one start (about 30 s) and run in orde
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import re
 import signal
@@ -19,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +25,7 @@ from models.db import make_engine
 from nktrial import apiauth
 from nktrial.server import free_port, healthy
 from protocol.errors import UserError
+from tests.helpers import call_api as _call
 
 ROOT = Path(__file__).parents[2]
 START_TIMEOUT_S = 150
@@ -50,25 +47,6 @@ def _processes_with(data_dir: Path) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def _call(url: str, *, auth: str | None = None, body: dict | None = None, method: str | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"}
-    if auth:
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method or ("POST" if data is not None else "GET"))
-    for attempt in range(5):
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            # A SQLite Prefect server answers 503 when a write loses a race with its own event writers, having written
-            # nothing (tasks/prefect_api.py); Prefect's clients try again, and so does this one.
-            if exc.code != 503 or attempt == 4:
-                return exc.code, {}
-        time.sleep(0.5)
-    raise AssertionError("unreachable")
 
 
 class Up:

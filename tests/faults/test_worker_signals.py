@@ -78,19 +78,13 @@ def _gone_after(signum: int, pid: int, marker: str) -> float:
 
 def _flow_run_in_flight(data: Path, port: int, marker: str) -> int:
     """Start a daily-rounds run through the API and wait (up to 20 s) until the worker has started its process."""
-    import base64
-    import json
-    import urllib.request
+    from tests.helpers import call_api
 
-    auth = base64.b64encode((data / "prefect-api-auth").read_text().strip().encode()).decode()
-
-    def call(path: str, body: dict | None = None) -> dict:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api{path}", data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())
-
-    call(f"/deployments/{call('/deployments/name/daily-rounds/daily-rounds')['id']}/create_flow_run", {})
+    api, auth = f"http://127.0.0.1:{port}/api", (data / "prefect-api-auth").read_text().strip()
+    status, deployment = call_api(f"{api}/deployments/name/daily-rounds/daily-rounds", auth=auth)
+    assert status == 200, status
+    status, _ = call_api(f"{api}/deployments/{deployment['id']}/create_flow_run", body={}, auth=auth)
+    assert status == 201, status
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         runs = [p for p in _marked(marker) if b"prefect.engine" in Path(f"/proc/{p}/cmdline").read_bytes()]
