@@ -75,14 +75,15 @@ def call_api(url: str, *, auth: str | None = None, body: dict | None = None, met
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers=headers, method=method or ("POST" if data is not None else "GET"))
-    for attempt in range(5):
+    tries = 0
+    while True:
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, json.loads(r.read() or b"null")
         except urllib.error.HTTPError as exc:
             # A SQLite Prefect server answers 503 when a write loses a race with its own event writers, having written
-            # nothing (tasks/prefect_api.py); Prefect's clients try again, and so does this one.
-            if exc.code != 503 or attempt == 4:
+            # nothing (tasks/prefect_api.py); Prefect's clients try again, and so does this one, up to 5 times.
+            tries += 1
+            if exc.code != 503 or tries == 5:
                 return exc.code, {}
         time.sleep(0.5)
-    raise AssertionError("unreachable")
