@@ -63,16 +63,18 @@ def rehearsed(prefect_server, receiver, tmp_path_factory):
         engine.dispose()
 
 
+SCENARIOS = ["no-dlt", "one-of-three-expansion", "two-dlts-deescalation", "late-infusion", "withdrawal-replacement", "missed-il2"]
+
+
 def test_every_scenario_file_is_shipped_and_valid():
     names = {p.stem for p in shipped()}
-    assert names == {"no-dlt", "one-of-three-expansion", "two-dlts-deescalation", "late-infusion", "withdrawal-replacement", "missed-il2"}
+    assert names == set(SCENARIOS)
     for name in names:
         sc = load(name)
         assert sc.expect is not None, f"{name} states what the rules imply"
 
 
-@pytest.mark.parametrize("name", ["no-dlt", "one-of-three-expansion", "two-dlts-deescalation", "late-infusion",
-                                  "withdrawal-replacement", "missed-il2"])
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_the_rehearsal_ends_where_the_3_plus_3_rules_say(rehearsed, name):
     res, engine, _ = rehearsed(name)
     assert res.problems == []
