@@ -25,6 +25,29 @@ PG_OWNER, PG_APP = "nktrial_owner", "nktrial_app"  # cluster-wide; created idemp
 OWNER_URLS: dict[str, str] = {}  # app URL -> owner URL of the same PostgreSQL test database
 
 
+# Handed out first, in this order (the longest first, as measured in make test): each process starts on a long group,
+# and the short files fill in around them. Every other group is one test file.
+LONG_FIRST = ["rehearsal-two-dlts-deescalation", "rehearsal-no-dlt", "tests/ha/test_scaled_out.py",
+              "rehearsal-one-of-three-expansion", "rehearsal-late-infusion", "rehearsal-withdrawal-replacement-missed-il2"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """make test's two processes (pytest-xdist --dist loadgroup --no-loadscope-reorder) share the work by group: a test
+    file runs whole in one process unless its tests name a group of their own, as each scenario's rehearsal tests do
+    (tests/flows/test_rehearsals.py: each scenario is rehearsed once, in the process that runs its group). The groups
+    in LONG_FIRST go first."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+    def long_first(item) -> int:
+        group = item.get_closest_marker("xdist_group").args[0]
+        return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=long_first)
+
+
 @pytest.fixture(scope="session")
 def protocol():
     return load_protocol()

@@ -39,21 +39,18 @@ from tasks.exports import FEEDS
 
 ROOT = Path(__file__).parents[2]
 P = load_protocol()
-WALL_TIMES: dict[str, float] = {}
 
 
 @pytest.fixture(scope="session")
 def rehearsed(prefect_server, receiver, tmp_path_factory):
     """Rehearse a shipped scenario once per test process; every message goes to the session receiver (and its privacy
-    check). make test sends this whole file to one process (pytest-xdist --dist loadfile), so each scenario is
-    rehearsed once."""
+    check). make test runs all the tests of a scenario in one process (rehearsal_group), so each is rehearsed once."""
     cache = {}
 
     def run(name: str):
         if name not in cache:
             out = tmp_path_factory.mktemp(f"rehearsal-{name}")
             res = rehearse(load(name), out_dir=out, protocol=P, receiver=receiver)
-            WALL_TIMES[name] = res.wall_seconds
             print(f"\nrehearsal {name}: {res.virtual_days} virtual days, {res.runs_executed} runs, {res.wall_seconds} s")
             cache[name] = (res, make_engine(f"sqlite:///{out / 'trial.db'}"), out)
         return cache[name]
@@ -63,7 +60,19 @@ def rehearsed(prefect_server, receiver, tmp_path_factory):
         engine.dispose()
 
 
-SCENARIOS = ["no-dlt", "one-of-three-expansion", "two-dlts-deescalation", "late-infusion", "withdrawal-replacement", "missed-il2"]
+# make test's two processes (pytest-xdist --dist loadgroup): the tests that read a scenario's rehearsal form one group,
+# which runs in one process, where the scenario is rehearsed once (conftest.py hands the longest groups out first).
+# withdrawal-replacement and missed-il2 share a group: a test compares the two.
+GROUPS = [("two-dlts-deescalation",), ("no-dlt",), ("one-of-three-expansion",), ("late-infusion",),
+          ("withdrawal-replacement", "missed-il2")]
+SCENARIOS = [name for group in GROUPS for name in group]
+
+
+def rehearsal_group(*names: str) -> pytest.MarkDecorator:
+    """The group of the tests that read these scenarios' rehearsals (one group for all of them, or an error)."""
+    (group,) = {group for group in GROUPS if set(names) & set(group)}
+    assert set(names) <= set(group), f"{names} are rehearsed in different groups"
+    return pytest.mark.xdist_group("rehearsal-" + "-".join(group))
 
 
 def test_every_scenario_file_is_shipped_and_valid():
@@ -74,7 +83,7 @@ def test_every_scenario_file_is_shipped_and_valid():
         assert sc.expect is not None, f"{name} states what the rules imply"
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=rehearsal_group(name)) for name in SCENARIOS])
 def test_the_rehearsal_ends_where_the_3_plus_3_rules_say(rehearsed, name):
     res, engine, _ = rehearsed(name)
     assert res.problems == []
@@ -99,6 +108,7 @@ def test_the_rehearsal_ends_where_the_3_plus_3_rules_say(rehearsed, name):
     assert len(mornings) == len(set(mornings)) and all(m.endswith(" 07:00") for m in mornings)  # one rounds each virtual morning
 
 
+@rehearsal_group("no-dlt")
 def test_no_dlt_escalates_twice_expands_the_top_level_and_names_dl3(rehearsed):
     res, engine, out = rehearsed("no-dlt")
     assert res.history == "1NNN 2NNN 3NNN 3NNN" and res.mtd == 3
@@ -107,6 +117,7 @@ def test_no_dlt_escalates_twice_expands_the_top_level_and_names_dl3(rehearsed):
     assert res.wall_seconds > 0
 
 
+@rehearsal_group("one-of-three-expansion")
 def test_one_dlt_in_three_expands_the_level_before_escalating(rehearsed):
     res, engine, _ = rehearsed("one-of-three-expansion")
     s102 = next(p for p in res.patients if p["subject_id"] == "S-102")
@@ -115,6 +126,7 @@ def test_one_dlt_in_three_expands_the_level_before_escalating(rehearsed):
     assert [(d["history"], d["signed"]) for d in res.decisions] == [("1NTN", "expand"), ("1NTN 1NNN", "escalate")]
 
 
+@rehearsal_group("two-dlts-deescalation")
 def test_two_dlts_stop_the_cohort_early_and_de_escalate(rehearsed):
     res, engine, _ = rehearsed("two-dlts-deescalation")
     assert res.decisions[2]["history"] == "1NNN 2NNN 3TT"  # the review did not wait for S-209's window
@@ -126,6 +138,7 @@ def test_two_dlts_stop_the_cohort_early_and_de_escalate(rehearsed):
     assert (s209["dose_level"], s209["status"], s209["evaluable"]) == (3, "completed", True)
 
 
+@rehearsal_group("late-infusion")
 def test_a_late_infusion_moves_its_pk_samples_and_a_missed_one_is_replaced(rehearsed):
     res, engine, _ = rehearsed("late-infusion")
     with Session(engine) as s:
@@ -147,6 +160,7 @@ def test_a_late_infusion_moves_its_pk_samples_and_a_missed_one_is_replaced(rehea
     assert by["S-303"]["evaluable"] is False and by["S-304"]["cohort"] == 1 and by["S-304"]["evaluable"] is True
 
 
+@rehearsal_group("withdrawal-replacement")
 def test_a_withdrawal_opens_a_replacement_slot_the_waitlisted_patient_takes(rehearsed):
     res, engine, _ = rehearsed("withdrawal-replacement")
     log = list(csv.DictReader(open(res.event_log, encoding="utf-8")))
@@ -157,6 +171,7 @@ def test_a_withdrawal_opens_a_replacement_slot_the_waitlisted_patient_takes(rehe
     assert by["S-402"]["evaluable"] is False and (by["S-404"]["cohort"], by["S-404"]["evaluable"]) == (1, True)
 
 
+@rehearsal_group("missed-il2")
 def test_missed_il2_doses_are_flagged_next_morning_and_recorded(rehearsed):
     res, engine, _ = rehearsed("missed-il2")
     log = list(csv.DictReader(open(res.event_log, encoding="utf-8")))
@@ -172,6 +187,7 @@ def test_missed_il2_doses_are_flagged_next_morning_and_recorded(rehearsed):
 
 # -- the reports, from the no-DLT trial ---------------------------------------------------------
 
+@rehearsal_group("no-dlt")
 def test_the_reports_hold_what_the_database_holds(rehearsed):
     res, engine, out = rehearsed("no-dlt")
     reports = Path(res.reports)
@@ -224,6 +240,7 @@ def test_the_reports_hold_what_the_database_holds(rehearsed):
     assert any("data:image/png;base64," in (a.data or "") for a in latest if a.key == "swimmer-plot")
 
 
+@rehearsal_group("two-dlts-deescalation")
 def test_the_sdtm_ae_domain_from_a_trial_with_dlts(rehearsed):
     res, engine, _ = rehearsed("two-dlts-deescalation")
     rows = list(csv.DictReader(open(Path(res.reports) / "sdtm" / "ae.csv", encoding="utf-8")))
@@ -282,6 +299,7 @@ def test_a_bad_scenario_gets_one_sentence(tmp_path):
     assert proc.returncode == 2 and "shipped: " in proc.stderr and "no-dlt" in proc.stderr
 
 
+@rehearsal_group("withdrawal-replacement", "missed-il2")
 def test_the_swimmer_lanes_show_what_happened_to_each_patient(rehearsed):
     from tasks.swimmer import lanes
 
