@@ -20,13 +20,16 @@ from tasks.rounds import daily_rounds as rounds
 
 
 class RoundsOptions(BaseModel):
-    """How much of the Prefect projection daily rounds check (all of it by default), and whether they refresh the reports."""
+    """How much of the Prefect projection daily rounds check (all of it by default), and whether they refresh the reports
+    and the coordinators' views (both by default; a rehearsal refreshes them once a virtual week and at its close)."""
 
     reconcile_horizon_days: int | None = Field(
         default=None, ge=0, le=120,
         description="empty: check the whole projection (every future event of every patient on study); a number: only runs due within "
                     "this many days (a quicker, partial check)")
     reports: bool = Field(default=True, description="refresh the reports: artifacts, and files under the data folder's reports/")
+    views: bool = Field(default=True, description="publish the worklist, and each casebook whose record changed since its "
+                                                  "latest version")
 
 
 @task(name="rounds")
@@ -142,9 +145,11 @@ def daily_rounds(options: RoundsOptions = RoundsOptions()) -> str:
     if options.reports:  # a report that cannot be drawn never stops the rounds' own work
         state = reports_task(return_state=True)
         reports = state.result() if state.is_completed() else f"reports not refreshed: {state.message}"
-    casebooks = refresh_casebooks()
-    state = worklist_task(casebooks, return_state=True)  # a list that cannot be drawn never stops the rounds' own work
-    work = state.result() if state.is_completed() else f"worklist not refreshed: {state.message}"
+    work = "worklist and casebooks not refreshed this time"
+    if options.views:
+        casebooks = refresh_casebooks()
+        state = worklist_task(casebooks, return_state=True)  # a list that cannot be drawn never stops the rounds' own work
+        work = state.result() if state.is_completed() else f"worklist not refreshed: {state.message}"
     create_markdown_artifact(key="daily-rounds", markdown=rounds_markdown(report, projection), description=f"Daily rounds {report.today}")
     summary = (f"{report.active_patients} active; IL-2 due {len(report.il2_due)}, missed {len(report.il2_missed)}; "
                f"visits closing {len(report.visits_closing)}; overdue {len(report.overdue)}; "

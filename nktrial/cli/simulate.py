@@ -94,5 +94,6 @@ def add_parsers(sub) -> None:
                                                            "(default: data/rehearsals/NAME-TIME)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     sim.add_argument("--reports-every", type=int, default=7, metavar="DAYS",
-                     help="daily rounds refresh the reports every DAYS virtual days, and once at the end (default 7)")
+                     help="daily rounds refresh the reports, the worklist and the casebooks every DAYS virtual days, and once at the "
+                          "end (default 7)")
     sim.set_defaults(func=cmd_simulate)

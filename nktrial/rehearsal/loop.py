@@ -63,11 +63,14 @@ class Rehearsal:
 
     def step_rounds(self, *, final: bool = False) -> Step:
         at = self.site.local(self.next_rounds_on, self.rounds_at)
-        reports = final or (self.next_rounds_on - self.sc.start).days % self.reports_every == 0
+        # The reports, the worklist and the casebooks are drawn every reports_every virtual days and at the close: no
+        # coordinator reads them each virtual morning. The rounds' own work (IL-2, visits, notices, the projection
+        # check, the audit check) is done every morning.
+        refresh = final or (self.next_rounds_on - self.sc.start).days % self.reports_every == 0
 
         def do():
             self.next_rounds_on += dt.timedelta(days=1)
-            return "rounds", self.runner.run_deployment("daily-rounds", {"options": {"reports": reports}})
+            return "rounds", self.runner.run_deployment("daily-rounds", {"options": {"reports": refresh, "views": refresh}})
 
         return Step(at, ROUNDS, "daily rounds", do)
 

@@ -194,6 +194,10 @@ def test_rounds_publish_a_casebook_again_only_when_the_record_changed(trial_db, 
     assert f"/artifacts/artifact/{before[0].id})" in latest("worklist").data  # the worklist links to the version that shows it
     record_without_a_flow(trial_db, protocol(), subject_id="S-107", infusion_number=1, dose_level=1, given_at=DAY0,
                           cells_infused=1.0e8, product_lot="LOT-CB9", actor="nurse-7", clock=clock)
+    worklist_before = latest("worklist").id
+    summary = daily_rounds(RoundsOptions(reports=False, views=False))  # as a rehearsal's rounds between two weekly refreshes
+    assert "worklist and casebooks not refreshed this time" in summary
+    assert len(versions("casebook-s-107")) == len(before) and latest("worklist").id == worklist_before
     daily_rounds(RoundsOptions(reports=False))  # the record changed behind the casebook's back: rounds publish it
     after = versions("casebook-s-107")
     assert len(after) == len(before) + 1 and "LOT-CB9" in after[0].data and "LOT-CB9" not in before[0].data
