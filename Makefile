@@ -40,12 +40,12 @@ demo: $(BIN)/.installed
 	$(BIN)/nktrial escalation next ""
 
 ## make test: set up and run every test (protocol, both databases, CLI, flows, browser, scaled out), in TEST_WORKERS
-## processes, each with its own Prefect test server (pytest-xdist). A test file runs whole in one process, and so do a
-## scenario's rehearsal tests (--dist loadgroup, tests/conftest.py), so each scenario is rehearsed once; the longest
-## rehearsals are handed out first. TEST_WORKERS=0 runs them all in this one process.
+## processes, each with its own Prefect test server (pytest-xdist). A test file runs whole in one process (--dist
+## loadfile), so each scenario, rehearsed by its own file, is rehearsed once; the longest files are handed out first
+## (--no-loadscope-reorder keeps the order tests/conftest.py gives). TEST_WORKERS=0 runs them all in this one process.
 TEST_WORKERS ?= 2
 test: $(BIN)/.installed
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

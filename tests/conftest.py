@@ -25,25 +25,19 @@ PG_OWNER, PG_APP = "nktrial_owner", "nktrial_app"  # cluster-wide; created idemp
 OWNER_URLS: dict[str, str] = {}  # app URL -> owner URL of the same PostgreSQL test database
 
 
-# Handed out first, in this order (the longest first, as measured in make test): each process starts on a long group,
-# and the short files fill in around them. Every other group is one test file.
-LONG_FIRST = ["rehearsal-two-dlts-deescalation", "rehearsal-no-dlt", "tests/ha/test_scaled_out.py",
-              "rehearsal-one-of-three-expansion", "rehearsal-late-infusion", "rehearsal-withdrawal-replacement-missed-il2"]
+# make test's two processes (pytest-xdist --dist loadfile --no-loadscope-reorder) take test files in the order they are
+# collected. These go first, the longest first (as measured in make test), so each process starts on a long one and
+# the short files fill in around them; each scenario rehearsal file rehearses its scenarios once, in its process.
+LONG_FIRST = ["tests/flows/test_rehearsal_two_dlts.py", "tests/flows/test_rehearsal_no_dlt.py", "tests/ha/test_scaled_out.py",
+              "tests/flows/test_rehearsal_one_of_three.py", "tests/flows/test_rehearsal_withdrawal_missed_il2.py",
+              "tests/flows/test_rehearsal_late_infusion.py"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """make test's two processes (pytest-xdist --dist loadgroup --no-loadscope-reorder) share the work by group: a test
-    file runs whole in one process unless its tests name a group of their own, as each scenario's rehearsal tests do
-    (tests/flows/test_rehearsals.py: each scenario is rehearsed once, in the process that runs its group). The groups
-    in LONG_FIRST go first."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-
+    """The files in LONG_FIRST first, in that order; the rest as collected."""
     def long_first(item) -> int:
-        group = item.get_closest_marker("xdist_group").args[0]
-        return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
+        path = item.nodeid.split("::")[0]
+        return LONG_FIRST.index(path) if path in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=long_first)
 

@@ -26,6 +26,7 @@ from flows.treatment import treatment_event  # noqa: E402
 from models.clock import VirtualClock  # noqa: E402
 from tasks.projection import scheduled_at  # noqa: E402
 from tests.conftest import ROLES, SCREENING_VALUES  # noqa: E402,F401 - shared by the flow tests
+from tests.flows.rehearsals import rehearsed  # noqa: E402,F401 - the scenario rehearsals, for tests/flows/test_rehearsal_*.py
 
 
 def subject_runs(subject_id: str, states=(StateType.SCHEDULED,)):
