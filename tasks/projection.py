@@ -438,8 +438,10 @@ def notify_flagged(engine, flagged: list[StuckRun], *, clock: Clock, ui_url: str
 # A flow run whose process dies without a word (kill -9, a machine lost) stays Running for ever. With
 # PREFECT_FLOWS_HEARTBEAT_FREQUENCY set for the worker (its flow runs inherit it), each run sends a heartbeat event; the
 # automation below, as Prefect's documentation gives it ("detect zombie flows"), marks a run Crashed when its heartbeats
-# stop. The projection check then sets a crashed treatment-event or treatment plan back to Scheduled and tells the
-# coordinators, and reports a crashed enrollment request.
+# stop, or when none came after it started running (a process killed in its first moments, before its first beat
+# reached the server: the Running event is the server's own, so it is never lost with the process). The projection
+# check then sets a crashed treatment-event or treatment plan back to Scheduled and tells the coordinators, and
+# re-submits or reports a crashed enrollment request.
 HEARTBEAT_SECONDS = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY `nktrial up` gives its workers unless set otherwise
 
 
@@ -457,7 +459,8 @@ ZOMBIE_AUTOMATION = "nktrial: crash zombie flow runs"
 
 
 def ensure_zombie_automation() -> bool:
-    """Create the automation that marks a flow run Crashed when its heartbeats stop, once (by name); True if created.
+    """Create the automation that marks a flow run Crashed when its heartbeats stop or never start, once (by name); True
+    if created.
     Needs the Prefect API in the settings (PREFECT_API_URL)."""
     from prefect.automations import Automation
     from prefect.events.actions import ChangeFlowRunState
@@ -469,19 +472,24 @@ def ensure_zombie_automation() -> bool:
     expect = {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
               "prefect.flow-run.Crashed", "prefect.flow-run.Paused", "prefect.flow-run.Suspended", "prefect.flow-run.Scheduled",
               "prefect.flow-run.Cancelling"}
+    after = {"prefect.flow-run.heartbeat", "prefect.flow-run.Running"}
     try:
         existing = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:  # no automation of that name
         existing = None
     if existing is not None:
-        if expect <= set(existing.trigger.expect) and zombie_after() in (None, existing.trigger.within):
+        if (expect <= set(existing.trigger.expect) and after <= set(existing.trigger.after)
+                and zombie_after() in (None, existing.trigger.within)):
             return False
-        existing.delete()  # an earlier version's (which crashed suspended reviews), or another heartbeat frequency's: replaced
+        # an earlier version's (one crashed suspended reviews; one never heard of a run killed before its first
+        # heartbeat), or another heartbeat frequency's: replaced
+        existing.delete()
     Automation(
         name=ZOMBIE_AUTOMATION,
-        description="A flow run whose heartbeats stopped (its process died) is marked Crashed; daily rounds then reschedule it.",
+        description="A flow run whose heartbeats stopped, or never came after it started running (its process died), is "
+                    "marked Crashed; daily rounds then reschedule it.",
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
+            after=after,
             expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=zombie_after() or dt.timedelta(seconds=3 * HEARTBEAT_SECONDS),

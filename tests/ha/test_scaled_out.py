@@ -208,6 +208,7 @@ def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(sta
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    silent = _a_run_that_dies_before_its_first_heartbeat(stack)
 
     # the load balancer routes around the dead replica at once: every API call in the next 6 s is answered
     answered, failed = 0, []
@@ -283,6 +284,10 @@ def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(sta
     text = stack.text()
     assert "API replica 1 started again" in text and f"{busy} started again" in text, text[-2000:]
 
+    # a run whose process died before its first heartbeat reached the server is marked Crashed too, from its Running
+    # event (the busy worker's run may have been one: then the slot it held was freed the same way)
+    silent_crashed_after = _marked_crashed(stack, silent)
+
     # an event a replica has accepted outlives the replica: a heartbeat held back in a killed replica's memory is a run
     # the zombie automation never hears of, so it is never marked Crashed and its enrollment slot stays taken
     kept_after = _event_accepted_by_a_killed_replica_is_kept(stack, text)
@@ -290,8 +295,43 @@ def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(sta
           f"in flight at the kill {in_flight}; API calls in the 6 s after the kill {answered} answered, 0 failed; runs {len(runs)}, executed {sum(bool(s) for s in spans.values())}, "
           f"executed again after a crash {sum(len(s) > 1 for s in spans.values())}, executed twice {len(twice)}, lost 0; "
           f"enrolled {statuses}; every referral handled {done_at - killed_at:.0f} s after the kill ({passes} reconcile passes); "
-          f"notices {sum(ids.values())}, received twice 0; cohort size {cohort}; an event sent to replica 1 2 s before "
+          f"notices {sum(ids.values())}, received twice 0; cohort size {cohort}; a run that never sent a heartbeat marked "
+          f"Crashed {silent_crashed_after:.0f} s after it started running; an event sent to replica 1 2 s before "
           f"its second kill was in the history {kept_after:.0f} s after")
+
+
+def _a_run_that_dies_before_its_first_heartbeat(stack: Stack) -> tuple[str, float]:
+    """A flow run set Running with no process behind it, as one whose node died in its first moments, before its
+    first heartbeat reached the server: its id, and when it started running."""
+    from prefect import flow, get_client
+    from prefect.states import Running
+
+    @flow(name="killed-before-its-first-heartbeat")
+    def silent() -> None:
+        """Never executed: only its run is created."""
+
+    with stack.settings(), get_client(sync_client=True) as client:
+        run = client.create_flow_run(silent)
+        client.set_flow_run_state(run.id, Running(), force=True)
+    return str(run.id), time.monotonic()
+
+
+def _marked_crashed(stack: Stack, silent: tuple[str, float]) -> float:
+    """Waits until the zombie automation marks the silent run Crashed, three heartbeats (90 s) after it started running,
+    and at most a minute more; returns the seconds from Running to Crashed as seen here."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+
+    run_id, running_at = silent
+    with stack.settings(), get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(run_id).state
+            if state.type is StateType.CRASHED:
+                assert "heartbeats stopped" in (state.message or ""), state
+                return time.monotonic() - running_at
+            assert time.monotonic() - running_at < 3 * HEARTBEAT_S + 60, \
+                f"a run that never sent a heartbeat is still {state.name} {3 * HEARTBEAT_S + 60} s after it started running"
+            time.sleep(2)
 
 
 def _event_accepted_by_a_killed_replica_is_kept(stack: Stack, text: str) -> float:
