@@ -295,8 +295,9 @@ def test_killing_a_replica_and_a_worker_loses_nothing_and_runs_nothing_twice(sta
           f"in flight at the kill {in_flight}; API calls in the 6 s after the kill {answered} answered, 0 failed; runs {len(runs)}, executed {sum(bool(s) for s in spans.values())}, "
           f"executed again after a crash {sum(len(s) > 1 for s in spans.values())}, executed twice {len(twice)}, lost 0; "
           f"enrolled {statuses}; every referral handled {done_at - killed_at:.0f} s after the kill ({passes} reconcile passes); "
-          f"notices {sum(ids.values())}, received twice 0; cohort size {cohort}; a run that never sent a heartbeat marked "
-          f"Crashed {silent_crashed_after:.0f} s after it started running; an event sent to replica 1 2 s before "
+          f"notices {sum(ids.values())}, received twice 0; cohort size {cohort}; a run that never sent a heartbeat was "
+          f"found Crashed {silent_crashed_after:.0f} s after it started running (looked for after the referrals; due at "
+          f"{3 * HEARTBEAT_S} s); an event sent to replica 1 2 s before "
           f"its second kill was in the history {kept_after:.0f} s after")
 
 
@@ -317,8 +318,8 @@ def _a_run_that_dies_before_its_first_heartbeat(stack: Stack) -> tuple[str, floa
 
 
 def _marked_crashed(stack: Stack, silent: tuple[str, float]) -> float:
-    """Waits until the zombie automation marks the silent run Crashed, three heartbeats (90 s) after it started running,
-    and at most a minute more; returns the seconds from Running to Crashed as seen here."""
+    """Waits until the zombie automation has marked the silent run Crashed, three heartbeats (90 s) after it started
+    running, and at most a minute more; returns the seconds from Running to when it was found Crashed here."""
     from prefect import get_client
     from prefect.client.schemas.objects import StateType
 
