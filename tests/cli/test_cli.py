@@ -253,6 +253,20 @@ def test_reports_from_the_command_line_name_patients_by_id_and_parse_back(tmp_pa
     assert swimmer.returncode == 0 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("text", ["S-001 · window 2027-03-22 to 2027-03-25; protocol day 14, done \\ noted\nnext line",
+                                  "S-001 · " + "é" * 80, "x" * 73 + "\\;yy", "S-001 · " + "ü," * 50])
+def test_a_feed_line_is_escaped_and_folded_so_a_calendar_reads_back_the_same_text(text):
+    """The feeds' events are written by hand (tasks/exports.py): what a calendar application parses back is the text."""
+    import icalendar
+
+    from tasks.exports import _fold, _text
+
+    line = _fold("SUMMARY:" + _text(text))
+    assert all(len(piece.encode("utf-8")) <= 75 for piece in line.split("\r\n"))  # RFC 5545 3.1, the leading space counted
+    event = icalendar.Event.from_ical(f"BEGIN:VEVENT\r\n{line}\r\nEND:VEVENT\r\n")
+    assert str(event["summary"]) == text
+
+
 def test_staff_commands_bootstrap_the_pi_then_every_write_names_its_actor(tmp_path):
     from sqlmodel import Session, select
 

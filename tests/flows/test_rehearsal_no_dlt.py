@@ -53,7 +53,9 @@ def test_the_reports_hold_what_the_database_holds(rehearsed):
     assert "Enrolled **12** of the target **12**" in dashboard and "| 4 | `1NNN 2NNN 3NNN 3NNN` | stop (MTD DL3) | stop | pi-01 |" in dashboard
 
     for role, rows in planned.items():
-        cal = icalendar.Calendar.from_ical((reports / "ical" / f"{role.value}.ics").read_bytes())
+        feed = (reports / "ical" / f"{role.value}.ics").read_bytes()
+        assert all(len(line) <= 75 for line in feed.split(b"\r\n")) and feed.endswith(b"END:VCALENDAR\r\n")  # RFC 5545 3.1
+        cal = icalendar.Calendar.from_ical(feed)
         events = cal.walk("VEVENT")
         assert len(events) == len(rows) > 0
         assert [tz["TZID"] for tz in cal.walk("VTIMEZONE")] == [P.timezone]
