@@ -55,8 +55,11 @@ def ical_feed(session: Session, protocol: ProtocolDefinition, role: Role, *, sta
     cal.add("x-wr-calname", f"{protocol.protocol.trial_id} · {role.value}")
     cal.add("x-wr-timezone", tz)
     cal.add_component(_vtimezone(tz))
-    head = cal.to_ical().removesuffix(END_CALENDAR)
-    dtstamp = stamp.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    head = cal.to_ical()
+    if not head.endswith(END_CALENDAR):
+        raise ValueError("icalendar wrote a calendar that does not end with END:VCALENDAR")
+    head = head.removesuffix(END_CALENDAR)
+    dtstamp = (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)).astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")  # naive: UTC
     domain = f"{protocol.protocol.trial_id.lower()}.nktrial"
     lines = []
     for sid, row in _rows(session, FEEDS[role]):
@@ -79,12 +82,13 @@ END_CALENDAR = b"END:VCALENDAR\r\n"
 
 def _text(value: str) -> str:
     """An iCalendar TEXT value (RFC 5545 3.3.11): backslash, semicolon, comma and line breaks escaped."""
-    return value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\r\n", "\\n").replace("\n", "\\n")
+    return (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+            .replace("\r\n", "\\n").replace("\r", "\\n").replace("\n", "\\n"))
 
 
 def _fold(line: str) -> str:
-    """A content line folded as RFC 5545 3.1 asks: each piece under 75 octets, never inside a character or between a
-    backslash and what it escapes."""
+    """A content line folded as RFC 5545 3.1 asks: each piece under 75 octets, never inside a character, and a backslash
+    that would end a piece carried over with what follows it (as icalendar folds)."""
     if len(line.encode("utf-8")) < 75:
         return line
     pieces, piece, size = [], "", 0

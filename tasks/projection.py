@@ -469,17 +469,21 @@ def ensure_zombie_automation() -> bool:
 
     # A run waiting for a person (Paused, Suspended: the PI's signature) or for its time (Scheduled) has no process and
     # so no heartbeats: those states are expected, or a cohort review would be marked Crashed 3 minutes after it suspends.
+    # A run waiting to be retried (AwaitingRetry) is alive too. Counting starts at a heartbeat or when the run starts
+    # running (again): a run that runs without heartbeats (a worker started without PREFECT_FLOWS_HEARTBEAT_FREQUENCY)
+    # is marked Crashed once it has run that long without a word.
     expect = {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
               "prefect.flow-run.Crashed", "prefect.flow-run.Paused", "prefect.flow-run.Suspended", "prefect.flow-run.Scheduled",
-              "prefect.flow-run.Cancelling"}
-    after = {"prefect.flow-run.heartbeat", "prefect.flow-run.Running"}
+              "prefect.flow-run.Cancelling", "prefect.flow-run.AwaitingRetry"}
+    after = {"prefect.flow-run.heartbeat", "prefect.flow-run.Running", "prefect.flow-run.Retrying"}
     try:
         existing = Automation.read(name=ZOMBIE_AUTOMATION)
     except ValueError:  # no automation of that name
         existing = None
+    # the frequency set here, else the existing automation's own (a coordinator's shell never changes it), else the default
+    within = zombie_after() or (existing.trigger.within if existing is not None else dt.timedelta(seconds=3 * HEARTBEAT_SECONDS))
     if existing is not None:
-        if (expect <= set(existing.trigger.expect) and after <= set(existing.trigger.after)
-                and zombie_after() in (None, existing.trigger.within)):
+        if expect <= set(existing.trigger.expect) and after <= set(existing.trigger.after) and existing.trigger.within == within:
             return False
         # an earlier version's (one crashed suspended reviews; one never heard of a run killed before its first
         # heartbeat), or another heartbeat frequency's: replaced
@@ -492,8 +496,9 @@ def ensure_zombie_automation() -> bool:
             after=after,
             expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=zombie_after() or dt.timedelta(seconds=3 * HEARTBEAT_SECONDS),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=within,
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message="marked Crashed: its heartbeats stopped (zombie run)")],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=f"marked Crashed: no heartbeat for {within.total_seconds():.0f} s "
+                                                                     "while running (zombie run: its process died)")],
     ).create()
     return True

@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import pytest  # noqa: E402
 from prefect import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     DeploymentFilter,
@@ -26,6 +27,8 @@ from flows.treatment import treatment_event  # noqa: E402
 from models.clock import VirtualClock  # noqa: E402
 from tasks.projection import scheduled_at  # noqa: E402
 from tests.conftest import ROLES, SCREENING_VALUES  # noqa: E402,F401 - shared by the flow tests
+
+pytest.register_assert_rewrite("tests.flows.rehearsals")  # its shared checks report values as a test file's asserts do
 from tests.flows.rehearsals import rehearsed  # noqa: E402,F401 - the scenario rehearsals, for tests/flows/test_rehearsal_*.py
 
 

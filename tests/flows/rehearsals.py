@@ -1,7 +1,7 @@
 """What the scenario rehearsal tests share: the session's rehearsals and the check every rehearsal passes.
 
-Each shipped scenario's tests are in a file of their own group, tests/flows/test_rehearsal_*.py
-(REHEARSAL_FILES). make test runs a test file whole in one of its two processes (pytest-xdist
+Each shipped scenario's tests are in a file of their own, tests/flows/test_rehearsal_*.py
+(REHEARSAL_FILES; withdrawal-replacement and missed-il2 share one). make test runs a test file whole in one of its two processes (pytest-xdist
 --dist loadfile), so a scenario is rehearsed once, in the process that runs its file, and the
 rehearsals are shared by both processes; tests/conftest.py hands the longest files out first.
 """
@@ -23,7 +23,7 @@ from protocol.three_plus_three import Action
 
 P = load_protocol()
 
-# The file that rehearses each scenario. withdrawal-replacement and missed-il2 share one: a test compares the two.
+# The file that rehearses each scenario. withdrawal-replacement and missed-il2 share one: a test reads both.
 REHEARSAL_FILES = {
     "tests/flows/test_rehearsal_two_dlts.py": ("two-dlts-deescalation",),
     "tests/flows/test_rehearsal_no_dlt.py": ("no-dlt",),

@@ -3,7 +3,7 @@ on a temporary server and on a running one, a bad scenario, and the 3+3 check it
 
 The scenarios themselves are rehearsed through the real deployments on the session's Prefect
 server, in virtual time, with notices sent to the real receiver, in tests/flows/test_rehearsal_*.py
-(one file per group, tests/flows/rehearsals.py): the final state is checked against the 3+3 rules
+(one file per scenario, or two that a test reads together; tests/flows/rehearsals.py): the final state is checked against the 3+3 rules
 replayed independently, and the reports are read back."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import yaml
 
 from nktrial.scenario import load, shipped
 from protocol.cohorts import design_for
+from tests.conftest import LONG_FIRST
 from tests.flows.rehearsals import REHEARSAL_FILES, SCENARIOS, P
 
 ROOT = Path(__file__).parents[2]
@@ -35,6 +36,7 @@ def test_every_scenario_file_is_shipped_valid_and_rehearsed_by_a_test_file():
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         (mark,) = module.test_the_rehearsal_ends_where_the_3_plus_3_rules_say.pytestmark
         assert mark.args == ("name", list(group)), path
+    assert set(REHEARSAL_FILES) <= set(LONG_FIRST), "make test hands every rehearsal file out first (tests/conftest.py)"
 
 
 # -- the command line: a temporary server, or a running one -------------------------------------
