@@ -32,11 +32,25 @@ pytest.register_assert_rewrite("tests.flows.rehearsals")  # its shared checks re
 from tests.flows.rehearsals import rehearsed  # noqa: E402,F401 - the scenario rehearsals, for tests/flows/test_rehearsal_*.py
 
 
-def subject_runs(subject_id: str, states=(StateType.SCHEDULED,)):
-    """The treatment-event runs of one subject, in time order."""
+def this_trial_tag() -> str:
+    """The `trial:<instance>` tag of this test's trial database: the session's Prefect server also holds the runs of
+    other tests and of the scenario rehearsals, some for the same subject IDs."""
+    from sqlmodel import Session
+
+    from models.queries import trial_instance
+    from tasks.runtime import trial_engine
+
+    with Session(trial_engine()) as s:
+        return f"trial:{trial_instance(s)}"
+
+
+def subject_runs(subject_id: str, states=(StateType.SCHEDULED,), *, every_trial: bool = False):
+    """The treatment-event runs of one subject of this test's trial database (or of every trial database on the
+    server), in time order."""
+    tags = [f"subject:{subject_id}"] + ([] if every_trial else [this_trial_tag()])
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"subject:{subject_id}"]),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags),
                                           state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(states)))),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["treatment-event"])),
             sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC, limit=200,

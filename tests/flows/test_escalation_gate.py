@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from prefect import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import Pause
 from prefect.flow_engine import run_flow
@@ -108,8 +115,6 @@ def _adjudicate(engine, clock, channels, ae_id, confirm, reason, signer="inv-2",
 
 def _review_runs(engine, states=(StateType.SCHEDULED, StateType.PAUSED)):
     """This trial database's cohort-review runs (the Prefect server is shared by the whole test session)."""
-    from prefect.client.schemas.filters import FlowRunFilterTags
-
     from models.queries import trial_instance
 
     with Session(engine) as s:
@@ -324,8 +329,13 @@ def test_a_serious_ae_starts_the_reporting_clock(trial_db, clock, channels):
     state = report_adverse_event(recorded_by="inv-2", report=_ae("S-161", category="fever", grade=3, serious=True), return_state=True)
     assert state.is_completed() and "not_candidate" in state.message
     assert [m.body.split(" · ")[1] for m in channels("safety")] == ["serious adverse event: reporting clock started"]
+    from models.queries import trial_instance
+
+    with Session(trial_db) as s:  # this trial's: the session's server also holds other tests' (a rehearsal's SAE clock)
+        tag = f"trial:{trial_instance(s)}"
     with get_client(sync_client=True) as client:
-        (reminder,) = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sae-deadline"])))
+        (reminder,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+                                            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sae-deadline"])))
     assert reminder.next_scheduled_start_time == dt.datetime(2027, 2, 6, 22, 0, tzinfo=UTC)  # 20 h later: 4 h before the deadline
     from flows.safety import sae_deadline
 

@@ -308,6 +308,6 @@ def test_two_trial_databases_on_one_server_never_touch_each_others_runs(trial_db
     with Session(rehearsal) as s:
         second = trial_instance(s)
     assert first != second
-    runs = subject_runs("S-030")
+    runs = subject_runs("S-030", every_trial=True)
     assert len(runs) == 34  # 17 each, none cancelled or shared
     assert {t for r in runs for t in r.tags if t.startswith("trial:")} == {f"trial:{first}", f"trial:{second}"}
