@@ -329,12 +329,10 @@ def test_a_serious_ae_starts_the_reporting_clock(trial_db, clock, channels):
     state = report_adverse_event(recorded_by="inv-2", report=_ae("S-161", category="fever", grade=3, serious=True), return_state=True)
     assert state.is_completed() and "not_candidate" in state.message
     assert [m.body.split(" · ")[1] for m in channels("safety")] == ["serious adverse event: reporting clock started"]
-    from models.queries import trial_instance
+    from tests.flows.conftest import this_trial_tag
 
-    with Session(trial_db) as s:  # this trial's: the session's server also holds other tests' (a rehearsal's SAE clock)
-        tag = f"trial:{trial_instance(s)}"
-    with get_client(sync_client=True) as client:
-        (reminder,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+    with get_client(sync_client=True) as client:  # this trial's: the session's server also holds a rehearsal's SAE clock
+        (reminder,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[this_trial_tag()])),
                                             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["sae-deadline"])))
     assert reminder.next_scheduled_start_time == dt.datetime(2027, 2, 6, 22, 0, tzinfo=UTC)  # 20 h later: 4 h before the deadline
     from flows.safety import sae_deadline
