@@ -381,23 +381,27 @@ def stuck_requests(client, engine, *, wall_now: dt.datetime, stuck_after: dt.tim
     flt = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING, StateType.SCHEDULED,
                                                                                     StateType.CRASHED])))
     found: list[StuckRun] = []
-    for name in (ENROLL_PATIENT, PATIENT_TREATMENT):
-        for run in read_pages(client, flt, DeploymentFilter(name=DeploymentFilterName(any_=[name]))):
-            claimed = {t.removeprefix("trial:") for t in run.tags or () if t.startswith("trial:")}
-            waited = stuck_for(run, wall_now)
-            crashed = run.state_type is StateType.CRASHED
-            if (claimed and claimed != {instance}) or not (crashed or (waited is not None and waited > stuck_after)):
-                continue
-            params = run.parameters or {}
-            ref = params.get("request") if name == ENROLL_PATIENT else params.get("subject")
-            sid = _subject_of(ref)
-            what = "enrollment" if name == ENROLL_PATIENT else "treatment plan"
-            action = "rescheduled" if name == PATIENT_TREATMENT else _resubmit_or_why(engine, run, sid)
-            flag = StuckRun.of(run, sid, what, wall_now, action=action)
-            if action in ("rescheduled", "re-submitted"):
-                client.set_flow_run_state(run.id, Scheduled(message=f"{action} by the projection check: was {run.state.name}"),
-                                          force=True)
-            found.append(flag)
+    names: dict = {}  # deployment id → name, read only for a run that is stuck
+    # Both deployments' runs in one read (daily rounds pay it every morning); a stuck one's deployment is read to tell them apart.
+    for run in read_pages(client, flt, DeploymentFilter(name=DeploymentFilterName(any_=[ENROLL_PATIENT, PATIENT_TREATMENT]))):
+        claimed = {t.removeprefix("trial:") for t in run.tags or () if t.startswith("trial:")}
+        waited = stuck_for(run, wall_now)
+        crashed = run.state_type is StateType.CRASHED
+        if (claimed and claimed != {instance}) or not (crashed or (waited is not None and waited > stuck_after)):
+            continue
+        if run.deployment_id not in names:
+            names[run.deployment_id] = client.read_deployment(run.deployment_id).name
+        name = names[run.deployment_id]
+        params = run.parameters or {}
+        ref = params.get("request") if name == ENROLL_PATIENT else params.get("subject")
+        sid = _subject_of(ref)
+        what = "enrollment" if name == ENROLL_PATIENT else "treatment plan"
+        action = "rescheduled" if name == PATIENT_TREATMENT else _resubmit_or_why(engine, run, sid)
+        flag = StuckRun.of(run, sid, what, wall_now, action=action)
+        if action in ("rescheduled", "re-submitted"):
+            client.set_flow_run_state(run.id, Scheduled(message=f"{action} by the projection check: was {run.state.name}"),
+                                      force=True)
+        found.append(flag)
     return found
 
 

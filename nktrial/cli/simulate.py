@@ -10,6 +10,7 @@ from nktrial.cli.shared import load_protocol, print_json, table, writable_folder
 from protocol.errors import UserError
 
 MAX_REPORTS_EVERY = 366  # a year of virtual days: more is the same as "only at the end"
+DEFAULT_REPORTS_EVERY = 7  # with --api-url: a virtual week
 SHIPPED = "no-dlt, one-of-three-expansion, two-dlts-deescalation, late-infusion, withdrawal-replacement, missed-il2"
 
 
@@ -49,7 +50,7 @@ def cmd_simulate(args) -> None:
     from nktrial.server import healthy
     from tasks.settings import get_settings
 
-    if not 1 <= args.reports_every <= MAX_REPORTS_EVERY:
+    if args.reports_every is not None and not 1 <= args.reports_every <= MAX_REPORTS_EVERY:
         raise UserError(f"--reports-every {args.reports_every}: give a number of days from 1 to {MAX_REPORTS_EVERY}")
     scenario = load(args.scenario)
     api_auth = None
@@ -74,8 +75,11 @@ def cmd_simulate(args) -> None:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
+    # A running server's UI shows the views as the rehearsal goes: weekly by default. A temporary server is thrown away at
+    # the end, so nobody sees its artifacts before the close: the reports are drawn once, at the close, unless asked.
+    every = args.reports_every if args.reports_every is not None else (DEFAULT_REPORTS_EVERY if args.api_url else None)
     res = rehearse(scenario, out_dir=Path(out), protocol=protocol, api_url=args.api_url, api_auth=api_auth,
-                   temporary_server=not args.api_url, progress=progress, reports_every=args.reports_every)
+                   temporary_server=not args.api_url, progress=progress, reports_every=every)
     progress(f"done in {time.monotonic() - started:.0f} s" + ("" if args.api_url else " (the temporary server's start included)"))
     if args.json:
         print_json(res.as_dict())
@@ -93,7 +97,8 @@ def add_parsers(sub) -> None:
     sim.add_argument("--out", type=Path, default=None, help="folder for the rehearsal's trial database and event log "
                                                            "(default: data/rehearsals/NAME-TIME)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
-    sim.add_argument("--reports-every", type=int, default=7, metavar="DAYS",
+    sim.add_argument("--reports-every", type=int, default=None, metavar="DAYS",
                      help="daily rounds refresh the reports, the worklist and the casebooks every DAYS virtual days, and once at the "
-                          "end (default 7)")
+                          f"end (default: {DEFAULT_REPORTS_EVERY} with --api-url; on a temporary server only at the end, since it is "
+                          "thrown away when the rehearsal ends)")
     sim.set_defaults(func=cmd_simulate)

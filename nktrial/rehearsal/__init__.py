@@ -37,10 +37,12 @@ __all__ = ["DecisionResult", "LevelResult", "PatientResult", "Rehearsal", "Resul
 
 def rehearse(scenario: Scenario, *, out_dir: Path, protocol: ProtocolDefinition, api_url: str | None = None,
              api_auth: str | None = None, temporary_server: bool = False, progress: Callable[[str], None] | None = None,
-             reports_every: int = 7, receiver: Receiver | None = None) -> Result:
+             reports_every: int | None = None, receiver: Receiver | None = None) -> Result:
     """Run a scenario into a fresh trial database under out_dir, on the Prefect server in use, a given one, or a temporary one.
 
-    Notices go to a local receiver (its own, or the one given), one path per role.
+    Notices go to a local receiver (its own, or the one given), one path per role. Daily rounds draw the reports, the
+    worklist and the casebooks at the close, and also every `reports_every` virtual days if it is given (for a server
+    whose UI someone watches while the rehearsal runs; on a server thrown away at the end nobody sees them).
     """
     from prefect.settings import (
         PREFECT_API_AUTH_STRING,

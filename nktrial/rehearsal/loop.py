@@ -49,7 +49,7 @@ def rounds_time() -> dt.time:
 
 class Rehearsal:
     def __init__(self, scenario: Scenario, protocol: ProtocolDefinition, engine, *, out_dir: Path, clock: VirtualClock, receiver: Receiver,
-                 progress: Callable[[str], None] | None = None, reports_every: int = 7):
+                 progress: Callable[[str], None] | None = None, reports_every: int | None = None):
         self.sc, self.p, self.engine, self.out_dir = scenario, protocol, engine, out_dir
         self.progress = progress or (lambda _msg: None)
         self.reports_every = reports_every
@@ -63,10 +63,10 @@ class Rehearsal:
 
     def step_rounds(self, *, final: bool = False) -> Step:
         at = self.site.local(self.next_rounds_on, self.rounds_at)
-        # The reports, the worklist and the casebooks are drawn every reports_every virtual days and at the close: no
-        # coordinator reads them each virtual morning. The rounds' own work (IL-2, visits, notices, the projection
-        # check, the audit check) is done every morning.
-        refresh = final or (self.next_rounds_on - self.sc.start).days % self.reports_every == 0
+        # The reports, the worklist and the casebooks are drawn at the close, and every reports_every virtual days if it is
+        # given (a server someone watches): no coordinator reads them each virtual morning. The rounds' own work (IL-2,
+        # visits, notices, the projection check, the audit check) is done every morning.
+        refresh = final or (bool(self.reports_every) and (self.next_rounds_on - self.sc.start).days % self.reports_every == 0)
 
         def do():
             self.next_rounds_on += dt.timedelta(days=1)

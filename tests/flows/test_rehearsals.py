@@ -8,6 +8,7 @@ replayed independently, and the reports are read back."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import importlib
 import re
@@ -61,6 +62,18 @@ def test_simulate_on_a_temporary_server_prints_progress_and_the_final_state(tmp_
     assert data["patients"][0]["status"] in ("enrolled", "on_treatment")
     assert data["virtual_days"] == 21 and data["problems"] == []
     assert (tmp_path / "out" / "events.csv").exists() and (tmp_path / "out" / "reports" / "swimmer.png").exists()
+    # a temporary server is thrown away at the end: its rounds draw the reports and views once, at the close
+    assert _refreshed_on(tmp_path / "out" / "events.csv") == ["closing"]
+
+
+def _refreshed_on(event_log: Path) -> list[str]:
+    """The rounds of the event log that refreshed the reports and the views: their site dates, "closing" for the last."""
+    rows = [r for r in csv.DictReader(open(event_log, encoding="utf-8")) if r["kind"] == "rounds"]
+    for r in rows:  # each rounds says whether it drew them
+        drew = "report files written" in r["result"] and "worklist:" in r["result"]
+        skipped = "reports not refreshed this time" in r["result"] and "worklist and casebooks not refreshed" in r["result"]
+        assert drew != skipped, r["result"]
+    return [("closing" if "closing" in r["name"] else r["site_time"][:10]) for r in rows if "report files written" in r["result"]]
 
 
 def test_simulate_against_a_running_server_refuses_a_past_start_and_runs_a_future_one(prefect_server, tmp_path):
@@ -76,6 +89,10 @@ def test_simulate_against_a_running_server_refuses_a_past_start_and_runs_a_futur
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "starting a temporary Prefect server" not in proc.stderr and "3+3 check: the final state is what the rules imply" in proc.stdout
+    # a running server's UI shows them as the rehearsal goes: every 7th virtual day and at the close
+    start = dt.date.fromisoformat(str(yaml.safe_load(future.read_text(encoding="utf-8"))["start"]))
+    week = [(start + dt.timedelta(days=d)).isoformat() for d in (0, 7, 14)]
+    assert _refreshed_on(tmp_path / "o" / "events.csv") == [*week, "closing"]
 
 
 def test_a_bad_scenario_gets_one_sentence(tmp_path):
