@@ -21,7 +21,8 @@ from tasks.rounds import daily_rounds as rounds
 
 class RoundsOptions(BaseModel):
     """How much of the Prefect projection daily rounds check (all of it by default), and whether they refresh the reports
-    and the coordinators' views (both by default; a rehearsal refreshes them once a virtual week and at its close)."""
+    and the coordinators' views (both by default; a rehearsal draws them at its close, and also weekly on a server whose
+    UI someone watches)."""
 
     reconcile_horizon_days: int | None = Field(
         default=None, ge=0, le=120,
