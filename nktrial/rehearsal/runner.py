@@ -19,6 +19,11 @@ class PrefectRunner:
         self.deployment_ids: dict[str, object] = {}  # flow name → deployment id
         self.paused_since: dict[str, dt.datetime] = {}  # run id → when its review paused
         self.runs_executed = 0
+        # The earliest Scheduled run, as last read. Only this runner's runs change which runs are scheduled (a bedside
+        # entry writes the trial database alone, and these runs are due in virtual time, so no worker takes one): the loop
+        # asks before every step, and the server is read again only after a run was executed or cancelled.
+        self._next_due: tuple | None = None
+        self._next_known = False
 
     def ensure_deployments(self) -> None:
         from prefect.exceptions import ObjectNotFound
@@ -40,6 +45,7 @@ class PrefectRunner:
         from prefect.flow_engine import run_flow
         from prefect.states import Pending
 
+        self._next_known = False  # this run, and any it schedules, change what is due next
         run = created
         if run is None:  # a Scheduled (or resumed) run: Pending now, so no worker's clock can take it
             self.client.set_flow_run_state(run_id, Pending(), force=True)
@@ -81,7 +87,9 @@ class PrefectRunner:
         return self.execute(run_id)
 
     def next_scheduled(self):
-        """This trial's earliest Scheduled run and when it is due, or None."""
+        """This trial's earliest Scheduled run and when it is due, or None (read again after any run executed here)."""
+        if self._next_known:
+            return self._next_due
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
         from prefect.client.schemas.objects import StateType
         from prefect.client.schemas.sorting import FlowRunSort
@@ -92,9 +100,9 @@ class PrefectRunner:
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
                                           tags=FlowRunFilterTags(all_=[self.tag])),
             sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC, limit=1)
-        if not runs:
-            return None
-        return scheduled_at(runs[0]) or self.clock(), runs[0]
+        self._next_due = (scheduled_at(runs[0]) or self.clock(), runs[0]) if runs else None
+        self._next_known = True
+        return self._next_due
 
     def cancel_leftovers(self) -> None:
         """Runs still scheduled when nobody is left on study (e.g. a completed patient's later reminders) are cancelled."""
@@ -102,6 +110,7 @@ class PrefectRunner:
         from prefect.client.schemas.objects import StateType
         from prefect.states import Cancelled
 
+        self._next_known = False
         runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PAUSED])),
             tags=FlowRunFilterTags(all_=[self.tag])))
