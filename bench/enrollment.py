@@ -4,6 +4,7 @@ Runs against a real local Prefect server (the test harness's, SQLite) and a scra
 database. Prints medians and ratios measured in the same run. Not a test: nothing here asserts.
 
     .venv/bin/python bench/enrollment.py [--patients 1,50] [--rounds 1000,10000] [--repeat 5]
+        [--horizon-days N] [--no-views]   (rounds: a partial projection check; the rounds' own work only)
     .venv/bin/python bench/enrollment.py --ha [--ha-requests 6]   (enrollments per minute: one node, scaled out; bench/ha.py)
 """
 
@@ -133,18 +134,18 @@ def seed_active_patients(engine: sa.Engine, n: int, today: dt.datetime) -> None:
             conn.execute(sa.insert(CalendarEventRow.__table__), events[k:k + 20_000])
 
 
-def time_rounds(n: int, tmp: Path) -> tuple[float, list[float], str]:
+def time_rounds(n: int, tmp: Path, options: RoundsOptions) -> tuple[float, list[float], str]:
     engine = fresh_trial_db(tmp, f"rounds-{n}.db", slots=n)
     today = dt.datetime(2027, 6, 1, 7, 0, tzinfo=dt.timezone(dt.timedelta(hours=8)))
     seed_active_patients(engine, n, today)
     with use_clock(VirtualClock(today)):
         t0 = time.perf_counter()
-        first = daily_rounds(RoundsOptions())
+        first = daily_rounds(options)
         first_s = time.perf_counter() - t0
         steady = []
         for _ in range(3):
             t0 = time.perf_counter()
-            daily_rounds(RoundsOptions())
+            daily_rounds(options)
             steady.append(time.perf_counter() - t0)
     return first_s, steady, first
 
@@ -154,6 +155,11 @@ def main() -> None:
     ap.add_argument("--patients", default="1,50")
     ap.add_argument("--rounds", default="1000,10000")
     ap.add_argument("--repeat", type=int, default=5, help="repeats of the 1-patient case")
+    ap.add_argument("--horizon-days", type=int, default=None,
+                    help="rounds check only runs due within this many days (default: the whole projection, as rounds do)")
+    ap.add_argument("--no-views", action="store_true",
+                    help="rounds do their own work only, without the reports, the worklist and the casebooks (default: all, as a site's "
+                         "rounds do)")
     ap.add_argument("--ha", action="store_true", help="enrollments per minute through real workers: one node against nktrial up --ha "
                                                       "with 1 and 2 workers (bench/ha.py; needs PostgreSQL, Redis, haproxy)")
     ap.add_argument("--ha-requests", type=int, default=6)
@@ -188,12 +194,15 @@ def main() -> None:
                 print(f"  {n:>3} patient(s), {count:>2} timed: enroll {m:6.3f} s (total {sum(times):6.1f} s)   "
                       f"bare {runs_each} runs {b:6.3f} s (total {sum(bare):6.1f} s)   ratio {m / b:5.2f}   "
                       f"[bare with the client's own 503 back-off {pb:6.3f} s]", flush=True)
-        print("daily rounds over active patients seeded in the trial database (seconds; a fresh Prefect server each)")
+        options = RoundsOptions(reconcile_horizon_days=args.horizon_days, reports=not args.no_views, views=not args.no_views)
+        print("daily rounds over active patients seeded in the trial database (seconds; a fresh Prefect server each; "
+              f"projection checked {'whole' if args.horizon_days is None else f'{args.horizon_days} days ahead'}; "
+              f"reports and views {'not drawn' if args.no_views else 'drawn'})")
         for n in [int(x) for x in args.rounds.split(",") if x]:
             with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
                 for f in (patient_treatment, treatment_event):
                     f.to_deployment(name=f.name).apply()
-                first_s, steady, summary = time_rounds(n, tmp)
+                first_s, steady, summary = time_rounds(n, tmp, options)
             print(f"  {n:>6} patients: first run {first_s:7.2f} s ({summary.split('projection ')[-1]})   "
                   f"steady state median of 3 {statistics.median(steady):7.2f} s", flush=True)
 
