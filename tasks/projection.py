@@ -139,16 +139,19 @@ class ReconcileReport:
         return text + (f", {self.rescheduled} stuck or crashed rescheduled" if self.rescheduled else "")
 
 
-def _run_label(row: CalendarEventRow) -> str:
-    """The run's name after the subject, the same before and after it runs (treatment-event keeps it): "infusion 2 prep"."""
+def _run_label(row) -> str:
+    """The run's name after the subject, the same before and after it runs (treatment-event keeps it): "infusion 2 prep".
+    `row`: a calendar row, or its key, kind, label and protocol_day columns."""
     if row.kind is EventKind.PK_SAMPLE:  # "PK sample day 7", "PK sample day 14 (pre-infusion 2)"
         return row.label
     return reminder_label(row, ACTION_BY_KIND[row.kind])
 
 
 def wanted_runs(session: Session, subject_ids: Iterable[str] | None = None) -> dict[str, list[RunSpec]]:
-    """Every reminder still to act on, for active subjects (all of them, or those named)."""
-    q = (select(Subject.subject_id, Subject.dose_level, CalendarEventRow)
+    """Every reminder still to act on, for active subjects (all of them, or those named). Only the columns a run needs
+    are read (not whole rows): a whole projection of 10,000 patients in treatment is some 42,000 every morning."""
+    c = CalendarEventRow
+    q = (select(Subject.subject_id, Subject.dose_level, c.key, c.kind, c.label, c.protocol_day, c.remind_at, c.anchor_version)
          .join(Subject, Subject.id == CalendarEventRow.subject_pk)
          .where(Subject.status.in_(ACTIVE), CalendarEventRow.status == EventStatus.PLANNED,
                 CalendarEventRow.remind_at.is_not(None), CalendarEventRow.reminder_sent_at.is_(None)))
@@ -156,8 +159,9 @@ def wanted_runs(session: Session, subject_ids: Iterable[str] | None = None) -> d
         q = q.where(Subject.subject_id.in_(list(subject_ids)))
     instance = trial_instance(session)
     out: dict[str, list[RunSpec]] = defaultdict(list)
-    for sid, level, row in session.exec(q):
-        out[sid].append(RunSpec(sid, level, row.key, row.kind.value, _run_label(row), row.remind_at, row.anchor_version, instance))
+    for row in session.exec(q):
+        out[row.subject_id].append(RunSpec(row.subject_id, row.dose_level, row.key, row.kind.value, _run_label(row), row.remind_at,
+                                           row.anchor_version, instance))
     return out
 
 
