@@ -122,7 +122,8 @@ def seed_active_patients(engine: sa.Engine, n: int, today: dt.datetime) -> None:
         for e in cal.events:
             r = reminder_for(p, e)
             past = e.at_utc < today.astimezone(dt.timezone.utc) - dt.timedelta(days=1)
-            events.append({"subject_pk": i + 1, "key": e.key, "kind": e.kind, "label": e.label, "protocol_day": e.protocol_day,
+            events.append({"actual_at": e.at_utc if past else None,  # done as planned, as a recording would have written it
+                           "subject_pk": i + 1, "key": e.key, "kind": e.kind, "label": e.label, "protocol_day": e.protocol_day,
                            "local_on": e.local_date, "due_at": e.at_utc, "window_start_on": e.window_start, "window_end_on": e.window_end,
                            "status": EventStatus.DONE if past else EventStatus.PLANNED, "anchor_version": cal.anchor_version,
                            "remind_at": r.trigger_at if r else None,
