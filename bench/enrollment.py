@@ -58,6 +58,7 @@ def noop() -> None:
 
 def fresh_trial_db(tmp: Path, name: str, slots: int) -> sa.Engine:
     os.environ["NKTRIAL_DATABASE_URL"] = f"sqlite:///{tmp / name}"
+    os.environ["NKTRIAL_REPORTS_DIR"] = str(tmp / "reports")  # rounds with reports write files: here, never a site's data folder
     engine = trial_engine()
     upgrade(engine)
     with UnitOfWork(engine, actor="bench", reason="benchmark setup: open enough slots", clock=lambda: START) as u:
