@@ -167,6 +167,10 @@ def main() -> None:
     ap.add_argument("--ha-requests", type=int, default=6)
     ap.add_argument("--postgres-url", default=os.environ.get("NKTRIAL_TEST_POSTGRES_URL") or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args()
+    try:  # checked before minutes of enrollment timing, not after
+        options = RoundsOptions(reconcile_horizon_days=args.horizon_days, reports=not args.no_views, views=not args.no_views)
+    except ValueError as exc:
+        ap.error(f"--horizon-days must be a whole number of days from 0 to 120: {exc.errors()[0]['msg']}")
     if args.ha:
         from bench import ha
 
@@ -196,7 +200,6 @@ def main() -> None:
                 print(f"  {n:>3} patient(s), {count:>2} timed: enroll {m:6.3f} s (total {sum(times):6.1f} s)   "
                       f"bare {runs_each} runs {b:6.3f} s (total {sum(bare):6.1f} s)   ratio {m / b:5.2f}   "
                       f"[bare with the client's own 503 back-off {pb:6.3f} s]", flush=True)
-        options = RoundsOptions(reconcile_horizon_days=args.horizon_days, reports=not args.no_views, views=not args.no_views)
         print("daily rounds over active patients seeded in the trial database (seconds; a fresh Prefect server each; "
               f"projection checked {'whole' if args.horizon_days is None else f'{args.horizon_days} days ahead'}; "
               f"reports and views {'not drawn' if args.no_views else 'drawn'})")
