@@ -350,8 +350,8 @@ class DeploymentRef:
 
 
 def _create(client, deployment: DeploymentRef, spec: RunSpec, now: dt.datetime, key: str) -> FlowRun:
-    return create_run_from_deployment(client, deployment.id,
-                                      parameters={"event": {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}},
+    event = {"subject_id": spec.subject_id, "event_key": spec.event_key, "label": spec.label}
+    return create_run_from_deployment(client, deployment.id, parameters={"event": event},
                                       state=Scheduled(scheduled_time=max(spec.trigger_at, now)), name=spec.name, tags=spec.tags,
                                       idempotency_key=key)
 
