@@ -152,9 +152,8 @@ def wanted_runs(session: Session, subject_ids: Iterable[str] | None = None) -> d
     are read (not whole rows): a whole projection of 10,000 patients in treatment is some 42,000 every morning."""
     c = CalendarEventRow
     q = (select(Subject.subject_id, Subject.dose_level, c.key, c.kind, c.label, c.protocol_day, c.remind_at, c.anchor_version)
-         .join(Subject, Subject.id == CalendarEventRow.subject_pk)
-         .where(Subject.status.in_(ACTIVE), CalendarEventRow.status == EventStatus.PLANNED,
-                CalendarEventRow.remind_at.is_not(None), CalendarEventRow.reminder_sent_at.is_(None)))
+         .join(Subject, Subject.id == c.subject_pk)
+         .where(Subject.status.in_(ACTIVE), c.status == EventStatus.PLANNED, c.remind_at.is_not(None), c.reminder_sent_at.is_(None)))
     if subject_ids is not None:
         q = q.where(Subject.subject_id.in_(list(subject_ids)))
     instance = trial_instance(session)

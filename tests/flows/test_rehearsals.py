@@ -68,7 +68,7 @@ def test_simulate_on_a_temporary_server_prints_progress_and_the_final_state(tmp_
 
 def _refreshed_on(event_log: Path) -> list[str]:
     """The rounds of the event log that refreshed the reports and the views: their site dates, "closing" for the last."""
-    rows = [r for r in csv.DictReader(open(event_log, encoding="utf-8")) if r["kind"] == "rounds"]
+    rows = [r for r in csv.DictReader(event_log.read_text(encoding="utf-8").splitlines()) if r["kind"] == "rounds"]
     for r in rows:  # each rounds says whether it drew them
         drew = "report files written" in r["result"] and "worklist:" in r["result"]
         skipped = "reports not refreshed this time" in r["result"] and "worklist and casebooks not refreshed" in r["result"]
